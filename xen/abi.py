@@ -200,16 +200,16 @@ def buf_slot_offset(pointer: int) -> int:
     return BUF_PAGE_OFF_SLOTS + (pointer % BUF_IOREQ_SLOT_NUM) * BUF_IOREQ_SIZE
 
 
-def drain_buffered_page(page) -> list[tuple[int, int, int]]:
+def drain_buffered_page(page) -> list[tuple[int, int, int, int]]:
     """Consume every pending buffered ioreq on ``page`` and return them as
-    (addr, size, data) writes, advancing read_pointer.
+    (type, addr, size, data) writes, advancing read_pointer.
 
     The consumer protocol of ioreq.h: read read_pointer, then write_pointer,
     handle rd..wr, then publish the new read_pointer. A slot pair for an
     8-byte access is joined here. Only writes are ever buffered."""
     rd = struct.unpack_from("<I", page, BUF_PAGE_OFF_READ_POINTER)[0]
     wr = struct.unpack_from("<I", page, BUF_PAGE_OFF_WRITE_POINTER)[0]
-    out: list[tuple[int, int, int]] = []
+    out: list[tuple[int, int, int, int]] = []
     # Pointers are free-running 32-bit counters; never trust more than a ring.
     pending = (wr - rd) & 0xFFFFFFFF
     if pending > BUF_IOREQ_SLOT_NUM:
@@ -224,6 +224,6 @@ def drain_buffered_page(page) -> list[tuple[int, int, int]]:
             high = BufIoreq.unpack(page, buf_slot_offset(rd)).data
             rd = (rd + 1) & 0xFFFFFFFF
             data |= high << 32
-        out.append((req.addr, req.size, data))
+        out.append((req.type, req.addr, req.size, data))
     struct.pack_into("<I", page, BUF_PAGE_OFF_READ_POINTER, rd)
     return out

@@ -1,0 +1,265 @@
+"""The IOREQ server: Xen's ioreq page and event channels in, MMIO handlers out.
+
+One trio task waits on the event-channel fd; for every pending local port it
+finds the vCPU, takes the slot (IOREQ_READY -> INPROCESS), routes the access
+by address to an :class:`MmioHandler`, and completes it (IORESP_READY, then
+notify). The order is the one xen/include/public/hvm/ioreq.h requires:
+
+    read pending ports; unmask them; per port: check state == IOREQ_READY,
+    set INPROCESS, emulate, store the read result, set IORESP_READY, notify.
+
+Every slot taken is completed, whatever happens: an access nobody handles,
+an access the handler rejects, an exception in the handler, an ioreq type
+we do not emulate. Reads in all those cases return all-ones, as a bus would.
+A handler may return an awaitable instead of a value (a device start that
+has to talk to its daemon): the slot then stays INPROCESS, the vCPU keeps
+waiting in Xen, and the loop goes on serving the other vCPUs until the
+awaitable finishes and the slot is completed.
+
+Python gives no explicit memory barriers; the state byte is written last
+with a single store, and every hand-over to or from Xen goes through a
+system call (event-channel read, notify), which orders the accesses around
+it on every architecture we run on.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import struct
+from collections.abc import Awaitable
+from typing import Protocol
+
+import trio
+
+from xen import abi
+from xen.hypervisor import EventChannel, Hypervisor, IoreqPages
+
+log = logging.getLogger(__name__)
+
+_U64 = struct.Struct("<Q")
+
+
+class MmioHandler(Protocol):
+    """A device window. Offsets are relative to the window base; values are
+    already masked to ``size`` bytes. Raise to reject an access (it is
+    logged and a read answers all-ones)."""
+
+    def mmio_read(self, offset: int, size: int) -> int | Awaitable[int]: ...
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None | Awaitable[None]: ...
+
+
+class MmioRouter:
+    """Non-overlapping MMIO windows, looked up by address in O(log n)."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._windows: list[tuple[int, int, MmioHandler]] = []  # (start, end exclusive, handler)
+
+    def add(self, base: int, size: int, handler: MmioHandler) -> None:
+        if size <= 0 or base < 0:
+            raise ValueError(f"bad MMIO window {base:#x}+{size:#x}")
+        end = base + size
+        i = bisect.bisect_left(self._starts, base)
+        if i > 0 and self._windows[i - 1][1] > base:
+            prev = self._windows[i - 1]
+            raise ValueError(f"MMIO window {base:#x}-{end - 1:#x} overlaps {prev[0]:#x}-{prev[1] - 1:#x}")
+        if i < len(self._windows) and self._windows[i][0] < end:
+            nxt = self._windows[i]
+            raise ValueError(f"MMIO window {base:#x}-{end - 1:#x} overlaps {nxt[0]:#x}-{nxt[1] - 1:#x}")
+        self._starts.insert(i, base)
+        self._windows.insert(i, (base, end, handler))
+
+    def windows(self) -> list[tuple[int, int]]:
+        """(base, size) of every window, in address order."""
+        return [(start, end - start) for start, end, _ in self._windows]
+
+    def lookup(self, addr: int, size: int) -> tuple[MmioHandler, int] | None:
+        """The handler and window offset for an access, or None when no
+        window holds all of [addr, addr + size)."""
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i < 0:
+            return None
+        start, end, handler = self._windows[i]
+        if addr + size > end:
+            return None
+        return handler, addr - start
+
+
+class RateLimitedLog:
+    """Warns about guest misbehaviour without letting a guest flood the log:
+    the first ``burst`` messages, then one in every ``every``."""
+
+    def __init__(self, logger: logging.Logger, burst: int = 20, every: int = 1000) -> None:
+        self._log = logger
+        self._burst = burst
+        self._every = every
+        self.count = 0
+
+    def warning(self, msg: str, *args) -> None:
+        self.count += 1
+        if self.count <= self._burst or self.count % self._every == 0:
+            if self.count > self._burst:
+                msg = f"{msg} ({self.count} guest access errors so far)"
+            self._log.warning(msg, *args)
+
+
+class IoreqServer:
+    """Serves one domain's ioreqs for the windows in ``router``."""
+
+    def __init__(self, hypervisor: Hypervisor, router: MmioRouter) -> None:
+        self.hv = hypervisor
+        self.router = router
+        self.server_id: int | None = None
+        self.nr_vcpus = 0
+        self.completed = 0
+        self.errors = RateLimitedLog(log)
+        self._pages: IoreqPages | None = None
+        self._page = None
+        self._evtchn: EventChannel | None = None
+        self._port_vcpu: dict[int, int] = {}
+        self._vcpu_port: list[int] = []
+        self._nursery: trio.Nursery | None = None
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Set the server up in Xen, report started, serve until cancelled,
+        then tear everything down in reverse order."""
+        try:
+            self._setup()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await self._loop()
+        finally:
+            self._teardown()
+
+    # --- set-up and tear-down, in the order of xen-ioreq.md ------------
+
+    def _setup(self) -> None:
+        hv = self.hv
+        self.nr_vcpus = hv.nr_vcpus()
+        if not 0 < self.nr_vcpus <= abi.MAX_VCPUS_PER_PAGE:
+            raise ValueError(f"domain {hv.domid} has {self.nr_vcpus} vCPUs; one ioreq page serves 1 to {abi.MAX_VCPUS_PER_PAGE}")
+        self.server_id = hv.create_ioreq_server(buffered=False)
+        self._pages = hv.map_ioreq_pages(self.server_id)
+        self._page = self._pages.ioreq
+        hv.set_ioreq_server_state(self.server_id, True)
+        self._evtchn = hv.open_event_channel()
+        for vcpu in range(self.nr_vcpus):
+            remote = struct.unpack_from("<I", self._page, vcpu * abi.IOREQ_SIZE + abi.OFF_VP_EPORT)[0]
+            local = self._evtchn.bind_interdomain(hv.domid, remote)
+            self._port_vcpu[local] = vcpu
+            self._vcpu_port.append(local)
+        for base, size in self.router.windows():
+            hv.map_mmio_range(self.server_id, base, base + size - 1)
+        log.debug("ioreq server %d for domain %d: %d vCPUs, ports %s", self.server_id, hv.domid, self.nr_vcpus, self._vcpu_port)
+
+    def _teardown(self) -> None:
+        hv = self.hv
+        steps = []
+        if self.server_id is not None:
+            sid = self.server_id
+            steps += [(f"unmap {b:#x}", lambda b=b, s=s: hv.unmap_mmio_range(sid, b, b + s - 1)) for b, s in self.router.windows()]
+        if self._evtchn is not None:
+            ev = self._evtchn
+            steps += [(f"unbind port {p}", lambda p=p: ev.unbind(p)) for p in self._vcpu_port]
+            steps.append(("close event channel", ev.close))
+        if self.server_id is not None:
+            sid = self.server_id
+            steps.append(("disable server", lambda: hv.set_ioreq_server_state(sid, False)))
+            steps.append(("destroy server", lambda: hv.destroy_ioreq_server(sid)))
+        if self._pages is not None:
+            pages = self._pages
+            steps.append(("unmap ioreq page", pages.ioreq.close))
+            if pages.buffered is not None:
+                steps.append(("unmap buffered page", pages.buffered.close))
+        for what, step in steps:
+            try:
+                step()
+            except Exception as exc:  # keep tearing down whatever fails
+                log.debug("teardown: %s failed: %s", what, exc)
+        self.server_id = None
+        self._evtchn = None
+        self._pages = None
+        self._page = None
+        self._port_vcpu.clear()
+        self._vcpu_port.clear()
+
+    # --- the loop -------------------------------------------------------
+
+    async def _loop(self) -> None:
+        evtchn = self._evtchn
+        fd = evtchn.fileno()
+        port_vcpu = self._port_vcpu
+        service = self._service
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            ports = evtchn.read_pending()
+            if not ports:
+                continue
+            evtchn.unmask(ports)
+            for port in ports:
+                vcpu = port_vcpu.get(port)
+                if vcpu is not None:
+                    service(vcpu, port)
+
+    def _service(self, vcpu: int, port: int) -> None:
+        page = self._page
+        off = vcpu * abi.IOREQ_SIZE
+        flags = page[off + abi.OFF_FLAGS]
+        if flags & abi.STATE_MASK != abi.IoreqState.IOREQ_READY:
+            return  # spurious, or a slot someone else (the kernel) holds
+        page[off + abi.OFF_FLAGS] = (flags & ~abi.STATE_MASK) | abi.IoreqState.INPROCESS
+        addr, data, count, size, _eport, _pad, flags, type_ = abi.IOREQ_STRUCT.unpack_from(page, off)
+        is_read = bool(flags & abi.FLAG_DIR_READ)
+        try:
+            result = self._emulate(vcpu, addr, data, count, size, flags, type_, is_read)
+        except Exception as exc:
+            result = self._failed(vcpu, addr, size, is_read, exc)
+        if result is None or type(result) is int:
+            self._complete(vcpu, port, is_read, size, result)
+        else:
+            self._nursery.start_soon(self._complete_later, vcpu, port, addr, size, is_read, result)
+
+    def _emulate(self, vcpu, addr, data, count, size, flags, type_, is_read):
+        if type_ == abi.IoreqType.COPY and count == 1 and not flags & abi.FLAG_DATA_IS_PTR:
+            if size not in (1, 2, 4, 8):
+                raise ValueError(f"access size {size}")
+            found = self.router.lookup(addr, size)
+            if found is None:
+                raise LookupError("no device window holds it")
+            handler, offset = found
+            if is_read:
+                return handler.mmio_read(offset, size)
+            return handler.mmio_write(offset, size, data & abi.size_mask(size))
+        if type_ in (abi.IoreqType.INVALIDATE, abi.IoreqType.TIMEOFFSET):
+            return None  # nothing cached to invalidate, no clock to offset
+        if type_ == abi.IoreqType.COPY:
+            raise NotImplementedError(f"MMIO with count={count} data_is_ptr={bool(flags & abi.FLAG_DATA_IS_PTR)} (x86 rep movs)")
+        raise NotImplementedError(f"ioreq type {type_} (only MMIO is served)")
+
+    def _failed(self, vcpu: int, addr: int, size: int, is_read: bool, exc: BaseException) -> int | None:
+        self.errors.warning(
+            "vCPU %d: %s of %d bytes at %#x rejected: %s", vcpu, "read" if is_read else "write", size, addr, exc
+        )
+        return abi.size_mask(size if size in (1, 2, 4, 8) else 8) if is_read else None
+
+    async def _complete_later(self, vcpu, port, addr, size, is_read, awaitable) -> None:
+        try:
+            result = await awaitable
+        except Exception as exc:
+            result = self._failed(vcpu, addr, size, is_read, exc)
+        self._complete(vcpu, port, is_read, size, result)
+
+    def _complete(self, vcpu: int, port: int, is_read: bool, size: int, result: int | None) -> None:
+        page = self._page
+        if page is None:
+            return  # torn down while a deferred access was finishing
+        off = vcpu * abi.IOREQ_SIZE
+        if is_read:
+            _U64.pack_into(page, off + abi.OFF_DATA, (result or 0) & 0xFFFFFFFFFFFFFFFF)
+        flags = page[off + abi.OFF_FLAGS]
+        page[off + abi.OFF_FLAGS] = (flags & ~abi.STATE_MASK) | abi.IoreqState.IORESP_READY
+        self.completed += 1
+        self._evtchn.notify(port)
