@@ -1,0 +1,195 @@
+"""Guest-physical memory allocation for the simulated guest's drivers.
+
+The simulated guest has no kernel to hand out DMA memory, so its drivers
+carve virtqueues, request headers and data buffers out of guest RAM with
+:class:`GuestAllocator`: a first-fit free list kept sorted by address, with
+neighbouring free ranges coalesced on free. It only does arithmetic on
+guest-physical addresses; zeroing or filling the memory is the caller's job
+(through ``GuestRam``).
+
+Every allocation is rounded up to :data:`GRANULE` bytes and aligned to at
+least :data:`GRANULE`, which keeps free fragments usable and makes every
+returned address suitable for a descriptor table (16-byte alignment).
+"""
+
+from __future__ import annotations
+
+import bisect
+
+GRANULE = 16
+"""Allocation unit and minimum alignment, in bytes."""
+
+DEFAULT_RESERVE_LOW = 0x100000
+"""By default the first MiB of guest RAM is kept out of the allocator: it is
+where a real guest's kernel image would sit, and it means a buffer address
+computed as 'offset 0 of RAM' by mistake never points at live driver data."""
+
+
+class GuestMemoryExhausted(MemoryError):
+    """No free range of guest RAM is large enough for the request."""
+
+
+def _align_up(value: int, align: int) -> int:
+    return (value + align - 1) & ~(align - 1)
+
+
+class GuestAllocator:
+    """First-fit allocator of guest-physical ranges inside one RAM bank.
+
+    ``reserve_low`` bytes at the start of the bank are never handed out.
+    Allocation and free are O(number of free fragments), which stays small
+    because freed ranges merge with their free neighbours.
+    """
+
+    def __init__(self, ram_base: int, ram_size: int, reserve_low: int = DEFAULT_RESERVE_LOW) -> None:
+        if ram_base < 0 or ram_size <= 0:
+            raise ValueError(f"bad guest RAM bank: base {ram_base:#x}, size {ram_size:#x}")
+        if not 0 <= reserve_low < ram_size:
+            raise ValueError(f"reserve_low {reserve_low:#x} does not leave any of the {ram_size:#x}-byte bank")
+        self.ram_base = ram_base
+        self.ram_size = ram_size
+        start = _align_up(ram_base + reserve_low, GRANULE)
+        end = (ram_base + ram_size) & ~(GRANULE - 1)
+        if end <= start:
+            raise ValueError("guest RAM bank too small to allocate from")
+        # Free ranges [start, end), sorted by start, never adjacent (coalesced).
+        self._free_starts: list[int] = [start]
+        self._free_ends: list[int] = [end]
+        self._allocated: dict[int, int] = {}
+        self._allocated_bytes = 0
+        self._capacity = end - start
+
+    # -- queries ------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        """Bytes the allocator manages (the bank minus the low reservation)."""
+        return self._capacity
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self._allocated_bytes
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(e - s for s, e in zip(self._free_starts, self._free_ends))
+
+    @property
+    def largest_free(self) -> int:
+        return max((e - s for s, e in zip(self._free_starts, self._free_ends)), default=0)
+
+    @property
+    def allocation_count(self) -> int:
+        return len(self._allocated)
+
+    @property
+    def free_fragments(self) -> int:
+        return len(self._free_starts)
+
+    def size_of(self, gpa: int) -> int:
+        """The (rounded) size of the live allocation starting at ``gpa``."""
+        try:
+            return self._allocated[gpa]
+        except KeyError:
+            raise ValueError(f"{gpa:#x} is not the start of a live allocation") from None
+
+    def owns(self, gpa: int) -> bool:
+        return gpa in self._allocated
+
+    # -- allocation ---------------------------------------------------------
+
+    def allocate(self, size: int, align: int = GRANULE) -> int:
+        """Return the guest-physical address of ``size`` free bytes aligned
+        to ``align`` (a power of two); raise :class:`GuestMemoryExhausted`."""
+        if size <= 0:
+            raise ValueError(f"allocation size must be positive, not {size}")
+        if align <= 0 or align & (align - 1):
+            raise ValueError(f"alignment must be a power of two, not {align}")
+        align = max(align, GRANULE)
+        size = _align_up(size, GRANULE)
+        starts, ends = self._free_starts, self._free_ends
+        for i, (start, end) in enumerate(zip(starts, ends)):
+            gpa = _align_up(start, align)
+            if gpa + size > end:
+                continue
+            self._carve(i, gpa, gpa + size)
+            self._allocated[gpa] = size
+            self._allocated_bytes += size
+            return gpa
+        raise GuestMemoryExhausted(
+            f"guest RAM exhausted: no {size:#x}-byte range aligned to {align:#x} "
+            f"({self.free_bytes:#x} bytes free in {len(starts)} fragments, largest {self.largest_free:#x}, "
+            f"{len(self._allocated)} live allocations)"
+        )
+
+    def reserve(self, gpa: int, size: int) -> None:
+        """Take the exact range [gpa, gpa + size) out of the free list (for
+        memory something else in the guest owns); release it with free(gpa).
+        ``gpa`` and ``size`` must be multiples of GRANULE."""
+        if size <= 0 or gpa % GRANULE or size % GRANULE:
+            raise ValueError(f"reserve needs a positive, {GRANULE}-byte aligned range, not {gpa:#x}+{size:#x}")
+        i = bisect.bisect_right(self._free_starts, gpa) - 1
+        if i < 0 or gpa + size > self._free_ends[i]:
+            raise ValueError(f"range {gpa:#x}+{size:#x} is not free")
+        self._carve(i, gpa, gpa + size)
+        self._allocated[gpa] = size
+        self._allocated_bytes += size
+
+    def free(self, gpa: int) -> None:
+        """Give back the allocation that starts at ``gpa``."""
+        try:
+            size = self._allocated.pop(gpa)
+        except KeyError:
+            raise ValueError(f"free of {gpa:#x}: not a live allocation (double free or foreign address)") from None
+        self._allocated_bytes -= size
+        start, end = gpa, gpa + size
+        starts, ends = self._free_starts, self._free_ends
+        i = bisect.bisect_left(starts, start)
+        merge_prev = i > 0 and ends[i - 1] == start
+        merge_next = i < len(starts) and starts[i] == end
+        if merge_prev and merge_next:
+            ends[i - 1] = ends[i]
+            del starts[i]
+            del ends[i]
+        elif merge_prev:
+            ends[i - 1] = end
+        elif merge_next:
+            starts[i] = start
+        else:
+            starts.insert(i, start)
+            ends.insert(i, end)
+
+    def _carve(self, i: int, lo: int, hi: int) -> None:
+        """Remove [lo, hi) from free range i, keeping what is left either side."""
+        starts, ends = self._free_starts, self._free_ends
+        start, end = starts[i], ends[i]
+        if lo == start and hi == end:
+            del starts[i]
+            del ends[i]
+        elif lo == start:
+            starts[i] = hi
+        elif hi == end:
+            ends[i] = lo
+        else:
+            ends[i] = lo
+            starts.insert(i + 1, hi)
+            ends.insert(i + 1, end)
+
+    def check_consistency(self) -> None:
+        """Assert the free list invariants (sorted, disjoint, coalesced, no
+        overlap with live allocations); for tests."""
+        starts, ends = self._free_starts, self._free_ends
+        for i, (s, e) in enumerate(zip(starts, ends)):
+            if not s < e:
+                raise AssertionError(f"empty free range {s:#x}-{e:#x}")
+            if i and not ends[i - 1] < s:
+                raise AssertionError(f"free ranges overlap or touch at {s:#x}")
+        total = sum(e - s for s, e in zip(starts, ends))
+        if total + self._allocated_bytes != self._capacity:
+            raise AssertionError("free and allocated bytes do not add up to the capacity")
+        for gpa, size in self._allocated.items():
+            i = bisect.bisect_right(starts, gpa) - 1
+            if i >= 0 and gpa < ends[i]:
+                raise AssertionError(f"allocation {gpa:#x} lies in a free range")
+            if i + 1 < len(starts) and starts[i + 1] < gpa + size:
+                raise AssertionError(f"allocation {gpa:#x}+{size:#x} overlaps a free range")
