@@ -1,0 +1,671 @@
+"""The vhost-user front-end: connect, start and stop, in QEMU's order.
+
+Real back-ends are tuned to the order QEMU sends things in, and
+libvhost-user drops the connection on any request it does not implement or
+that was not negotiated. So this module sends exactly QEMU's sequences and
+refuses (``VhostUserError``) to send a request whose gate (protocol feature
+or virtio bit 30) was not negotiated:
+
+    connect  GET_FEATURES, [bit 30: GET_PROTOCOL_FEATURES,
+             SET_PROTOCOL_FEATURES], [MQ: GET_QUEUE_NUM],
+             [CONFIGURE_MEM_SLOTS: GET_MAX_MEM_SLOTS],
+             [BACKEND_REQ: SET_BACKEND_REQ_FD], SET_OWNER, GET_FEATURES,
+             [CONFIG and config_size: GET_CONFIG]
+    start    SET_FEATURES, memory (REM_MEM_REG/ADD_MEM_REG with
+             CONFIGURE_MEM_SLOTS, else SET_MEM_TABLE), per ring
+             SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK,
+             SET_VRING_CALL; [bit 30: SET_VRING_ENABLE(i, 1) per ring];
+             [STATUS: SET_STATUS(0xf)]
+    stop     [bit 30: SET_VRING_ENABLE(i, 0) per ring], GET_VRING_BASE per
+             ring, [STATUS: SET_STATUS(0)]
+
+With REPLY_ACK negotiated, every request that has no reply of its own is
+sent with need-reply and its u64 ack awaited (non-zero: VhostUserError),
+except SET_PROTOCOL_FEATURES itself, which QEMU sends without: REPLY_ACK is
+not in force until that message has been processed.
+
+File descriptors handed in (memory, kick, call) stay owned by the caller:
+they are sent, never closed here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Sequence
+
+import attrs
+import trio
+
+from .backend_channel import BackendChannel, BackendHandler
+from .connection import DEFAULT_TIMEOUT, Connection, connect_unix
+from .protocol import (
+    BIT30_ACKED,
+    BIT30_OFFERED,
+    FRONTEND_REQUESTS,
+    MAX_CONFIG_SIZE,
+    MAX_MEMORY_REGIONS,
+    PROTOCOL_FEATURES_MASK,
+    STATUS_ACKNOWLEDGE,
+    STATUS_DRIVER,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+    VHOST_ONLY_FEATURES_MASK,
+    BackendRequest,
+    DaemonTimeout,
+    DeviceConfig,
+    Empty,
+    FrontendRequest,
+    MemoryRegion,
+    MemoryTable,
+    Message,
+    ProtocolError,
+    ProtocolFeature,
+    SingleMemoryRegion,
+    U64,
+    VhostUserError,
+    VirtioFeature,
+    VringAddr,
+    VringFd,
+    VringState,
+)
+
+logger = logging.getLogger(__name__)
+
+PF = ProtocolFeature
+R = FrontendRequest
+
+# What this front-end implements and so may negotiate.
+SUPPORTED_PROTOCOL_FEATURES = (
+    PF.MQ | PF.REPLY_ACK | PF.BACKEND_REQ | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS | PF.STATUS
+    | PF.RESET_DEVICE
+)
+
+# SET_STATUS at start: ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK.
+STATUS_DRIVER_READY = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
+
+# Kick/call/err carry the ring index in 8 bits.
+MAX_RING_INDEX = 0xFF
+MAX_QUEUE_SIZE = 32768
+# Largest GET_QUEUE_NUM believed (virtio-net's maximum of queue pairs).
+MAX_QUEUE_NUM = 0x8000
+
+_DESC_SIZE = 16
+
+
+def _nonneg(limit: int):
+    def validate(instance: object, attribute: attrs.Attribute, value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+            raise ValueError(f"{type(instance).__name__}.{attribute.name} = {value!r} is not "
+                             f"in 0..{limit:#x}")
+
+    return validate
+
+
+def _int(instance: object, attribute: attrs.Attribute, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{type(instance).__name__}.{attribute.name} = {value!r} is not an int")
+
+
+_U64_MAX = (1 << 64) - 1
+
+
+@attrs.frozen
+class MemoryRegionFd:
+    """One guest RAM region as handed to the daemon: guest-physical address,
+    size, our own (user) mapping address of it, and the fd and offset in the
+    fd where it starts. The daemon maps the fd from 0 to fd_offset + size."""
+
+    gpa: int = attrs.field(validator=_nonneg(_U64_MAX))
+    size: int = attrs.field(validator=_nonneg(_U64_MAX))
+    user_addr: int = attrs.field(validator=_nonneg(_U64_MAX))
+    fd: int = attrs.field(validator=_nonneg(0x7FFF_FFFF))
+    fd_offset: int = attrs.field(validator=_nonneg(_U64_MAX))
+
+    def wire(self) -> MemoryRegion:
+        return MemoryRegion(self.gpa, self.size, self.user_addr, self.fd_offset)
+
+
+@attrs.frozen
+class RingSetup:
+    """One virtqueue to start: index, size, the index to resume from, our
+    user addresses of its three parts, and its kick and call eventfds (a
+    negative fd sends the no-fd flag instead: the daemon polls)."""
+
+    index: int = attrs.field(validator=_nonneg(MAX_RING_INDEX))
+    num: int = attrs.field(validator=_nonneg(MAX_QUEUE_SIZE))
+    base: int = attrs.field(validator=_nonneg(0xFFFF_FFFF))
+    desc_addr: int = attrs.field(validator=_nonneg(_U64_MAX))
+    avail_addr: int = attrs.field(validator=_nonneg(_U64_MAX))
+    used_addr: int = attrs.field(validator=_nonneg(_U64_MAX))
+    kick_fd: int = attrs.field(validator=_int)
+    call_fd: int = attrs.field(validator=_int)
+
+
+@attrs.frozen
+class Step:
+    """One request of a planned sequence."""
+
+    request: FrontendRequest
+    payload: object = Empty()
+    fds: tuple[int, ...] = ()
+
+
+# -- pure planning ---------------------------------------------------------
+
+
+def negotiate_protocol_features(offered: int) -> ProtocolFeature:
+    return ProtocolFeature(offered & SUPPORTED_PROTOCOL_FEATURES)
+
+
+def ring_start_steps(ring: RingSetup) -> list[Step]:
+    """SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_CALL."""
+    steps = [
+        Step(R.SET_VRING_NUM, VringState(ring.index, ring.num)),
+        Step(R.SET_VRING_BASE, VringState(ring.index, ring.base)),
+        Step(R.SET_VRING_ADDR, VringAddr(ring.index, 0, ring.desc_addr, ring.used_addr,
+                                         ring.avail_addr, 0)),
+    ]
+    for request, fd in ((R.SET_VRING_KICK, ring.kick_fd), (R.SET_VRING_CALL, ring.call_fd)):
+        if fd < 0:
+            steps.append(Step(request, VringFd(ring.index, no_fd=True)))
+        else:
+            steps.append(Step(request, VringFd(ring.index), (fd,)))
+    return steps
+
+
+def ring_enable_steps(indices: Sequence[int], enable: bool) -> list[Step]:
+    return [Step(R.SET_VRING_ENABLE, VringState(i, int(enable))) for i in indices]
+
+
+RegionKey = tuple[int, ...]
+
+
+def memory_slot_steps(wanted: dict[RegionKey, MemoryRegionFd],
+                      known: dict[RegionKey, MemoryRegion]) -> list[tuple[RegionKey, Step]]:
+    """With CONFIGURE_MEM_SLOTS: REM_MEM_REG for every region the back-end
+    has that is no longer wanted, then ADD_MEM_REG for every wanted region
+    it does not have yet (QEMU's order: removals first). Each step comes
+    with the key of the region it removes or adds."""
+    steps = [(key, Step(R.REM_MEM_REG, SingleMemoryRegion(region)))
+             for key, region in known.items() if key not in wanted]
+    steps += [(key, Step(R.ADD_MEM_REG, SingleMemoryRegion(region.wire()), (region.fd,)))
+              for key, region in wanted.items() if key not in known]
+    return steps
+
+
+def memory_table_step(regions: Sequence[MemoryRegionFd]) -> Step:
+    return Step(R.SET_MEM_TABLE, MemoryTable(r.wire() for r in regions),
+                tuple(r.fd for r in regions))
+
+
+def ring_extents(ring: RingSetup, packed: bool) -> list[tuple[str, int, int]]:
+    """(name, user address, length) of the parts of a ring."""
+    if packed:
+        return [("descriptor ring", ring.desc_addr, _DESC_SIZE * ring.num),
+                ("driver area", ring.avail_addr, 4),
+                ("device area", ring.used_addr, 4)]
+    return [("descriptor table", ring.desc_addr, _DESC_SIZE * ring.num),
+            ("avail ring", ring.avail_addr, 6 + 2 * ring.num),
+            ("used ring", ring.used_addr, 6 + 8 * ring.num)]
+
+
+def check_regions(regions: Sequence[MemoryRegionFd]) -> None:
+    """Non-empty regions whose guest ranges and user ranges do not overlap."""
+    for r in regions:
+        r.wire()  # range checks of the wire format
+        if r.size == 0:
+            raise VhostUserError(f"memory region at gpa {r.gpa:#x} has size 0")
+    for attr in ("gpa", "user_addr"):
+        spans = sorted((getattr(r, attr), getattr(r, attr) + r.size) for r in regions)
+        for (start_a, end_a), (start_b, _) in zip(spans, spans[1:]):
+            if start_b < end_a:
+                raise VhostUserError(f"memory regions overlap: {attr} {start_a:#x}..{end_a:#x} "
+                                     f"and {start_b:#x}")
+
+
+def check_rings(rings: Sequence[RingSetup], regions: Sequence[MemoryRegionFd], *,
+                num_queues: int, packed: bool) -> None:
+    seen: set[int] = set()
+    for ring in rings:
+        if ring.index in seen:
+            raise VhostUserError(f"ring {ring.index} appears twice")
+        seen.add(ring.index)
+        if ring.index >= num_queues:
+            raise VhostUserError(f"ring {ring.index} does not exist: the daemon has "
+                                 f"{num_queues} queues")
+        if not 1 <= ring.num <= MAX_QUEUE_SIZE:
+            raise VhostUserError(f"ring {ring.index} size {ring.num} is not in "
+                                 f"1..{MAX_QUEUE_SIZE}")
+        if not packed and ring.base > 0xFFFF:
+            raise VhostUserError(f"ring {ring.index} base {ring.base:#x} does not fit a split "
+                                 f"ring's 16-bit index")
+        for part, start, length in ring_extents(ring, packed):
+            if not any(r.user_addr <= start and start + length <= r.user_addr + r.size
+                       for r in regions):
+                raise VhostUserError(
+                    f"ring {ring.index} {part} at user address {start:#x} (+{length:#x}) is "
+                    f"not inside one memory region")
+
+
+# -- the trio front-end ----------------------------------------------------
+
+
+class VhostUserFrontend:
+    """One vhost-user connection, driven the way QEMU drives it."""
+
+    device_features: int
+    has_protocol_features: bool
+    protocol_features: ProtocolFeature
+    num_queues: int
+    max_mem_slots: int | None
+    config: bytes
+
+    def __init__(self, conn: Connection, *, label: str) -> None:
+        """Use ``connect`` or ``from_socket``."""
+        self._conn = conn
+        self.label = label
+        self._channel: BackendChannel | None = None
+        self.device_features = 0
+        self.has_protocol_features = False
+        self.protocol_features = ProtocolFeature(0)
+        self.num_queues = 0
+        self.max_mem_slots = None
+        self.config = b""
+        # Virtio features as last sent with SET_FEATURES (with bit 30).
+        self._acked_features: int | None = None
+        # Regions of the last start, for checking ring addresses.
+        self._regions: tuple[MemoryRegionFd, ...] = ()
+        # With CONFIGURE_MEM_SLOTS: the regions the back-end has mapped.
+        self._backend_regions: dict[RegionKey, MemoryRegion] = {}
+        self._running: set[int] = set()
+        self._closed = False
+
+    # -- construction
+
+    @classmethod
+    async def connect(cls, path: str, *, nursery: trio.Nursery, handler: BackendHandler,
+                      default_num_queues: int, config_size: int,
+                      timeout: float = DEFAULT_TIMEOUT) -> VhostUserFrontend:
+        """Dial the daemon at ``path`` and run the connect sequence. The
+        back-end channel reader (with BACKEND_REQ) runs in ``nursery``."""
+        _check_connect_args(default_num_queues, config_size)
+        sock = await connect_unix(path, timeout=timeout)
+        return await cls.from_socket(sock, nursery=nursery, handler=handler,
+                                     default_num_queues=default_num_queues,
+                                     config_size=config_size, timeout=timeout, label=path)
+
+    @classmethod
+    async def from_socket(cls, sock: trio.socket.SocketType, *, nursery: trio.Nursery,
+                          handler: BackendHandler, default_num_queues: int, config_size: int,
+                          timeout: float = DEFAULT_TIMEOUT,
+                          label: str = "vhost-user") -> VhostUserFrontend:
+        """Like ``connect`` on an already connected socket (which it takes
+        over and closes on failure)."""
+        _check_connect_args(default_num_queues, config_size)
+        try:
+            conn = Connection(sock, label=label, timeout=timeout)
+        except ValueError:
+            sock.close()
+            raise
+        self = cls(conn, label=label)
+        ok = False
+        try:
+            await self._handshake(nursery, handler, default_num_queues, config_size)
+            ok = True
+        finally:
+            if not ok:
+                self._close_now()
+        return self
+
+    async def _handshake(self, nursery: trio.Nursery, handler: BackendHandler,
+                         default_num_queues: int, config_size: int) -> None:
+        try:
+            features = await self._query_u64(R.GET_FEATURES)
+        except DaemonTimeout as e:
+            raise DaemonTimeout(f"{e} (is another front-end connected? qemu-storage-daemon "
+                                f"serves one at a time)") from None
+        self.has_protocol_features = bool(features & PROTOCOL_FEATURES_MASK)
+
+        if self.has_protocol_features:
+            offered = await self._query_u64(R.GET_PROTOCOL_FEATURES)
+            negotiated = negotiate_protocol_features(offered)
+            # Not under REPLY_ACK yet: that takes effect once this is processed.
+            await self._send(Step(R.SET_PROTOCOL_FEATURES, U64(int(negotiated))))
+            self.protocol_features = negotiated
+
+        if self.protocol_features & PF.MQ:
+            queues = await self._query_u64(R.GET_QUEUE_NUM)
+            if not 1 <= queues <= MAX_QUEUE_NUM:
+                raise ProtocolError(f"{self.label}: the daemon lies: GET_QUEUE_NUM says "
+                                    f"{queues} queues")
+            self.num_queues = queues
+        else:
+            self.num_queues = default_num_queues
+
+        if self.protocol_features & PF.CONFIGURE_MEM_SLOTS:
+            slots = await self._query_u64(R.GET_MAX_MEM_SLOTS)
+            if slots == 0:
+                raise ProtocolError(f"{self.label}: the daemon lies: GET_MAX_MEM_SLOTS says 0")
+            self.max_mem_slots = slots
+
+        if self.protocol_features & PF.BACKEND_REQ:
+            await self._open_backend_channel(nursery, handler)
+
+        await self._command(Step(R.SET_OWNER))
+
+        again = await self._query_u64(R.GET_FEATURES)
+        if (again ^ features) & PROTOCOL_FEATURES_MASK:
+            raise ProtocolError(f"{self.label}: the daemon lies: GET_FEATURES changed bit 30 "
+                                f"({features:#x} then {again:#x})")
+        if again != features:
+            logger.warning("%s: GET_FEATURES changed after SET_OWNER: %#x then %#x; using "
+                           "the latter", self.label, features, again)
+        self.device_features = again & ~VHOST_ONLY_FEATURES_MASK
+
+        if self.protocol_features & PF.CONFIG and config_size > 0:
+            self.config = await self.get_config(config_size)
+
+        logger.info("%s: connected: features %#x, protocol features %#x (%s), %d queues%s",
+                    self.label, again, int(self.protocol_features),
+                    _flag_names(self.protocol_features), self.num_queues,
+                    f", {self.max_mem_slots} memory slots" if self.max_mem_slots else "")
+
+    async def _open_backend_channel(self, nursery: trio.Nursery, handler: BackendHandler) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ok = False
+        try:
+            conn = Connection.from_stdlib(ours, label=f"{self.label} (back-end channel)",
+                                          kind=BackendRequest, timeout=self._conn.timeout)
+            await self._command(Step(R.SET_BACKEND_REQ_FD, Empty(), (theirs.fileno(),)))
+            ok = True
+        finally:
+            # The daemon has its own copy now (or never will).
+            theirs.close()
+            if not ok:
+                ours.close()
+        self._channel = BackendChannel(conn, handler, protocol_features=self.protocol_features,
+                                       num_queues=self.num_queues)
+        await nursery.start(self._channel.run)
+
+    # -- requests
+
+    def _check_gate(self, request: FrontendRequest) -> None:
+        gate = FRONTEND_REQUESTS[request].gate
+        if gate is None:
+            return
+        if gate == BIT30_OFFERED:
+            if not self.has_protocol_features:
+                raise VhostUserError(f"{self.label}: refusing to send {request.name}: the "
+                                     f"daemon does not offer VHOST_USER_F_PROTOCOL_FEATURES")
+        elif gate == BIT30_ACKED:
+            if not self._bit30_acked:
+                raise VhostUserError(f"{self.label}: refusing to send {request.name}: "
+                                     f"VHOST_USER_F_PROTOCOL_FEATURES was not acknowledged "
+                                     f"with SET_FEATURES")
+        elif not self.protocol_features & gate:
+            raise VhostUserError(f"{self.label}: refusing to send {request.name}: protocol "
+                                 f"feature {gate.name} was not negotiated")
+
+    @property
+    def _bit30_acked(self) -> bool:
+        """Rings start disabled and take SET_VRING_ENABLE only once bit 30
+        went out with SET_FEATURES."""
+        return bool((self._acked_features or 0) & PROTOCOL_FEATURES_MASK)
+
+    def _check_payload(self, step: Step) -> bytes:
+        layout = FRONTEND_REQUESTS[step.request]
+        if not isinstance(step.payload, layout.request):
+            raise TypeError(f"{step.request.name} takes a {layout.request.__name__}, not "
+                            f"{type(step.payload).__name__}")
+        return step.payload.pack()  # type: ignore[attr-defined]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise VhostUserError(f"{self.label}: the vhost-user front-end is closed")
+
+    async def _send(self, step: Step) -> None:
+        """Send without waiting for anything."""
+        self._check_open()
+        self._check_gate(step.request)
+        await self._conn.send(step.request, self._check_payload(step), step.fds)
+
+    async def _command(self, step: Step) -> None:
+        """A request without a reply of its own: acked when REPLY_ACK is on."""
+        if FRONTEND_REQUESTS[step.request].reply is not None:
+            raise TypeError(f"{step.request.name} has a reply; use _query")
+        if not self.protocol_features & PF.REPLY_ACK:
+            await self._send(step)
+            return
+        self._check_open()
+        self._check_gate(step.request)
+        reply = await self._conn.transact(step.request, self._check_payload(step), step.fds,
+                                          need_reply=True)
+        ack = self._decode(reply, U64).value
+        if ack != 0:
+            raise VhostUserError(f"{self.label}: the vhost-user daemon rejected "
+                                 f"{step.request.name} (ack {ack:#x})")
+
+    async def _query(self, step: Step) -> Message:
+        """A request with a reply of its own; returns the reply message."""
+        if FRONTEND_REQUESTS[step.request].reply is None:
+            raise TypeError(f"{step.request.name} has no reply; use _command")
+        self._check_open()
+        self._check_gate(step.request)
+        return await self._conn.transact(step.request, self._check_payload(step), step.fds)
+
+    async def _query_u64(self, request: FrontendRequest) -> int:
+        reply = await self._query(Step(request))
+        return self._decode(reply, U64).value
+
+    def _decode(self, reply: Message, cls: type):
+        try:
+            return reply.decode(cls)
+        except ProtocolError as e:
+            name = FrontendRequest(reply.request).name
+            raise ProtocolError(f"{self.label}: bad reply to {name}: {e}") from None
+
+    # -- config space
+
+    async def get_config(self, size: int) -> bytes:
+        """Read ``size`` bytes of the device config space from offset 0."""
+        if not self.protocol_features & PF.CONFIG:
+            raise VhostUserError(f"{self.label}: the daemon did not negotiate CONFIG; its "
+                                 f"config space cannot be read")
+        if not 0 < size <= MAX_CONFIG_SIZE:
+            raise ValueError(f"config size {size} is not in 1..{MAX_CONFIG_SIZE}")
+        reply = await self._query(Step(R.GET_CONFIG, DeviceConfig(0, size, 0, bytes(size))))
+        if not reply.payload:
+            raise ProtocolError(f"{self.label}: the vhost-user daemon refused GET_CONFIG of "
+                                f"{size} bytes (empty reply)")
+        got = self._decode(reply, DeviceConfig)
+        if got.size == 0:
+            raise ProtocolError(f"{self.label}: the vhost-user daemon refused GET_CONFIG of "
+                                f"{size} bytes (size 0)")
+        if got.offset != 0 or got.size != size:
+            raise ProtocolError(f"{self.label}: the vhost-user daemon lies: asked for {size} "
+                                f"config bytes at offset 0, got {got.size} at {got.offset}")
+        return got.data
+
+    async def set_config(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` of the config space (flags 0: a
+        driver write, not migration)."""
+        if not self.protocol_features & PF.CONFIG:
+            raise VhostUserError(f"{self.label}: the daemon did not negotiate CONFIG; its "
+                                 f"config space cannot be written")
+        data = bytes(data)
+        if not data:
+            raise ValueError("SET_CONFIG needs at least one byte")
+        await self._command(Step(R.SET_CONFIG, DeviceConfig(offset, len(data), 0, data)))
+
+    # -- start / stop
+
+    async def start(self, features: int, regions: Sequence[MemoryRegionFd],
+                    rings: Sequence[RingSetup]) -> None:
+        """The driver wrote DRIVER_OK: hand features, memory and rings over."""
+        self._check_open()
+        regions = tuple(regions)
+        rings = tuple(rings)
+        self._check_features(features)
+        if not regions:
+            raise VhostUserError(f"{self.label}: cannot start without memory regions")
+        check_regions(regions)
+        packed = bool(features & (1 << VirtioFeature.RING_PACKED))
+        check_rings(rings, regions, num_queues=self.num_queues, packed=packed)
+        already = sorted(self._running & {r.index for r in rings})
+        if already:
+            raise VhostUserError(f"{self.label}: rings {already} are running; stop them first")
+
+        wire_features = features | (PROTOCOL_FEATURES_MASK if self.has_protocol_features else 0)
+        await self._command(Step(R.SET_FEATURES, U64(wire_features)))
+        self._acked_features = wire_features
+        await self._set_memory(regions)
+        self._regions = regions
+        for ring in rings:
+            for step in ring_start_steps(ring):
+                await self._command(step)
+        if self._bit30_acked:
+            for step in ring_enable_steps([r.index for r in rings], True):
+                await self._command(step)
+        self._running.update(r.index for r in rings)
+        if self.protocol_features & PF.STATUS:
+            await self._command(Step(R.SET_STATUS, U64(STATUS_DRIVER_READY)))
+
+    async def stop(self, ring_indices: Sequence[int]) -> dict[int, int]:
+        """The driver reset the device: stop the rings, return {index: base}."""
+        self._check_open()
+        indices = self._check_indices(ring_indices)
+        if self._bit30_acked:
+            for step in ring_enable_steps(indices, False):
+                await self._command(step)
+        bases = {}
+        for index in indices:
+            bases[index] = await self._get_vring_base(index)
+        if self.protocol_features & PF.STATUS:
+            await self._command(Step(R.SET_STATUS, U64(0)))
+        return bases
+
+    async def start_ring(self, ring: RingSetup) -> None:
+        """(Re)start one ring after ``start`` (virtio queue reset)."""
+        self._check_open()
+        if self._acked_features is None:
+            raise VhostUserError(f"{self.label}: start_ring before start")
+        if ring.index in self._running:
+            raise VhostUserError(f"{self.label}: ring {ring.index} is running; stop it first")
+        packed = bool(self._acked_features & (1 << VirtioFeature.RING_PACKED))
+        check_rings([ring], self._regions, num_queues=self.num_queues, packed=packed)
+        for step in ring_start_steps(ring):
+            await self._command(step)
+        if self._bit30_acked:
+            for step in ring_enable_steps([ring.index], True):
+                await self._command(step)
+        self._running.add(ring.index)
+
+    async def stop_ring(self, index: int) -> int:
+        """Stop one ring; returns the index to resume it from."""
+        self._check_open()
+        (index,) = self._check_indices([index])
+        if self._bit30_acked:
+            for step in ring_enable_steps([index], False):
+                await self._command(step)
+        return await self._get_vring_base(index)
+
+    async def reset_device(self) -> None:
+        """RESET_DEVICE (only when negotiated): the daemon disables every
+        ring and forgets device state; memory stays mapped. ``start`` must
+        follow before any ring is used again."""
+        self._check_open()
+        await self._command(Step(R.RESET_DEVICE))
+        self._running.clear()
+        self._acked_features = None
+
+    def _check_features(self, features: int) -> None:
+        if isinstance(features, bool) or not isinstance(features, int) or features < 0:
+            raise ValueError(f"features {features!r} is not a feature word")
+        extra = features & ~self.device_features
+        if extra:
+            raise VhostUserError(f"{self.label}: driver features {features:#x} include bits "
+                                 f"{extra:#x} the device does not offer "
+                                 f"({self.device_features:#x})")
+
+    def _check_indices(self, ring_indices: Sequence[int]) -> list[int]:
+        indices = list(ring_indices)
+        if len(set(indices)) != len(indices):
+            raise VhostUserError(f"{self.label}: ring indices {indices} repeat")
+        for i in indices:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_queues \
+                    or i > MAX_RING_INDEX:
+                raise VhostUserError(f"{self.label}: ring {i!r} does not exist: the daemon has "
+                                     f"{self.num_queues} queues")
+        return indices
+
+    async def _get_vring_base(self, index: int) -> int:
+        reply = await self._query(Step(R.GET_VRING_BASE, VringState(index, 0)))
+        state = self._decode(reply, VringState)
+        if state.index != index:
+            raise ProtocolError(f"{self.label}: the vhost-user daemon lies: GET_VRING_BASE for "
+                                f"ring {index} answered ring {state.index}")
+        packed = bool((self._acked_features or 0) & (1 << VirtioFeature.RING_PACKED))
+        if not packed and state.num > 0xFFFF:
+            raise ProtocolError(f"{self.label}: the vhost-user daemon lies: ring {index} base "
+                                f"{state.num:#x} does not fit a split ring's 16-bit index")
+        self._running.discard(index)
+        return state.num
+
+    async def _set_memory(self, regions: tuple[MemoryRegionFd, ...]) -> None:
+        if self.protocol_features & PF.CONFIGURE_MEM_SLOTS:
+            assert self.max_mem_slots is not None
+            if len(regions) > self.max_mem_slots:
+                raise VhostUserError(f"{self.label}: {len(regions)} memory regions, the daemon "
+                                     f"takes at most {self.max_mem_slots}")
+            wanted = {_region_key(r): r for r in regions}
+            for key, step in memory_slot_steps(wanted, self._backend_regions):
+                await self._command(step)
+                if step.request is R.REM_MEM_REG:
+                    del self._backend_regions[key]
+                else:
+                    self._backend_regions[key] = wanted[key].wire()
+        else:
+            if len(regions) > MAX_MEMORY_REGIONS:
+                raise VhostUserError(f"{self.label}: {len(regions)} memory regions; without "
+                                     f"CONFIGURE_MEM_SLOTS the daemon takes at most "
+                                     f"{MAX_MEMORY_REGIONS}")
+            await self._command(memory_table_step(regions))
+
+    # -- teardown
+
+    def _close_now(self) -> None:
+        self._closed = True
+        if self._channel is not None:
+            self._channel.close()
+        self._conn.close()
+
+    async def aclose(self) -> None:
+        """Close the socket and the back-end channel. Idempotent."""
+        self._close_now()
+        await trio.lowlevel.checkpoint()
+
+
+def _check_connect_args(default_num_queues: int, config_size: int) -> None:
+    if not 1 <= default_num_queues <= MAX_RING_INDEX + 1:
+        raise ValueError(f"default_num_queues {default_num_queues} is not in "
+                         f"1..{MAX_RING_INDEX + 1}")
+    if not 0 <= config_size <= MAX_CONFIG_SIZE:
+        raise ValueError(f"config_size {config_size} is not in 0..{MAX_CONFIG_SIZE}")
+
+
+def _region_key(region: MemoryRegionFd) -> RegionKey:
+    """What makes two regions the same mapping for the back-end: the same
+    addresses and size, and the same open file at the same offset."""
+    try:
+        st = os.fstat(region.fd)
+    except OSError as e:
+        raise VhostUserError(f"memory region fd {region.fd} at gpa {region.gpa:#x}: "
+                             f"{e.strerror}") from None
+    return (region.gpa, region.size, region.user_addr, region.fd_offset, st.st_dev, st.st_ino)
+
+
+def _flag_names(flags: ProtocolFeature) -> str:
+    names = [f.name for f in ProtocolFeature if f & flags and f.name]
+    return "|".join(names) or "none"
