@@ -24,6 +24,7 @@ import attrs
 import trio
 
 from bridge import split_ring as sr
+from bridge import virtio_mmio as regs
 from xen.sim import virtio_mmio_driver as mmio
 
 RAM_BASE = 0x4000_0000
@@ -269,7 +270,7 @@ class FakeMmioDevice:
         device_id: int = 2,
         vendor_id: int = 0x554D4551,
         version: int = 2,
-        magic: int = mmio.VIRTIO_MMIO_MAGIC,
+        magic: int = regs.MAGIC,
         features: int = 1 << mmio.VIRTIO_F_VERSION_1,
         config: bytes = b"",
         queue_num_max: tuple[int, ...] = (256,),
@@ -329,7 +330,7 @@ class FakeMmioDevice:
         if bump_generation:
             self.generation += 1
         if interrupt:
-            self.raise_interrupt(mmio.VIRTIO_MMIO_INT_CONFIG)
+            self.raise_interrupt(regs.INT_CONFIG)
 
     def raise_interrupt(self, bits: int) -> None:
         self.isr |= bits
@@ -344,7 +345,7 @@ class FakeMmioDevice:
         ring = self.ring(queue)
         old, new = ring.push_used(head, length)
         if interrupt and ring.needs_interrupt(old, new):
-            self.raise_interrupt(mmio.VIRTIO_MMIO_INT_VRING)
+            self.raise_interrupt(regs.INT_VRING)
             return True
         return False
 
@@ -355,7 +356,7 @@ class FakeMmioDevice:
         for head, length in entries:
             ring.push_used(head, length)
         if ring.needs_interrupt(start, ring.used_idx):
-            self.raise_interrupt(mmio.VIRTIO_MMIO_INT_VRING)
+            self.raise_interrupt(regs.INT_VRING)
             return True
         return False
 
@@ -372,9 +373,9 @@ class FakeMmioDevice:
     # -- register file ------------------------------------------------------
 
     def _name(self, offset: int, size: int) -> str:
-        if offset >= mmio.CONFIG:
-            return f"Config+{offset - mmio.CONFIG:#x}/{size}"
-        return mmio.REGISTER_NAMES.get(offset, f"reg{offset:#x}")
+        if offset >= regs.CONFIG_OFFSET:
+            return f"Config+{offset - regs.CONFIG_OFFSET:#x}/{size}"
+        return regs.REGISTER_NAMES.get(offset, f"reg{offset:#x}")
 
     def _do_reset(self) -> None:
         self.status = 0
@@ -394,31 +395,31 @@ class FakeMmioDevice:
         return value
 
     def _read(self, offset: int, size: int) -> int:
-        if offset >= mmio.CONFIG:
-            off = offset - mmio.CONFIG
+        if offset >= regs.CONFIG_OFFSET:
+            off = offset - regs.CONFIG_OFFSET
             if self.config_read_hook is not None:
                 self.config_read_hook(off, size)
             data = bytes(self.config[off:off + size]).ljust(size, b"\0")
             return int.from_bytes(data, "little")
         assert size == 4, f"{size}-byte access to register {offset:#x}"
-        if offset == mmio.MAGIC_VALUE:
+        if offset == regs.MAGIC_VALUE:
             return self.magic
-        if offset == mmio.VERSION:
+        if offset == regs.VERSION_REG:
             return self.version
-        if offset == mmio.DEVICE_ID:
+        if offset == regs.DEVICE_ID:
             return self.device_id
-        if offset == mmio.VENDOR_ID:
+        if offset == regs.VENDOR_ID:
             return self.vendor_id
-        if offset == mmio.DEVICE_FEATURES:
+        if offset == regs.DEVICE_FEATURES:
             return self.device_features >> (32 * self._dev_sel) & 0xFFFFFFFF if self._dev_sel < 2 else 0
-        if offset == mmio.QUEUE_NUM_MAX:
+        if offset == regs.QUEUE_NUM_MAX:
             sel = self._queue_sel
             return self.queue_num_max[sel] if sel < len(self.queue_num_max) else 0
-        if offset == mmio.QUEUE_READY:
+        if offset == regs.QUEUE_READY:
             return 1 if self._queue_sel in self.queue_ready_preset else self._q().ready
-        if offset == mmio.INTERRUPT_STATUS:
+        if offset == regs.INTERRUPT_STATUS:
             return self.isr
-        if offset == mmio.STATUS:
+        if offset == regs.STATUS:
             if self._reset_reads_left:
                 self._reset_reads_left -= 1
                 value = self.status or 0x0F
@@ -426,41 +427,41 @@ class FakeMmioDevice:
                     self._do_reset()
                 return value
             return self.status
-        if offset == mmio.CONFIG_GENERATION:
+        if offset == regs.CONFIG_GENERATION:
             return self.generation
         return 0
 
     def mmio_write(self, offset: int, size: int, value: int, vcpu: int) -> None:
         self.log.append(("W", self._name(offset, size), value))
-        if offset >= mmio.CONFIG:
-            off = offset - mmio.CONFIG
+        if offset >= regs.CONFIG_OFFSET:
+            off = offset - regs.CONFIG_OFFSET
             self.config[off:off + size] = value.to_bytes(size, "little")
             return
         assert size == 4, f"{size}-byte access to register {offset:#x}"
-        if offset == mmio.DEVICE_FEATURES_SEL:
+        if offset == regs.DEVICE_FEATURES_SEL:
             self._dev_sel = value
-        elif offset == mmio.DRIVER_FEATURES_SEL:
+        elif offset == regs.DRIVER_FEATURES_SEL:
             self._drv_sel = value
-        elif offset == mmio.DRIVER_FEATURES:
+        elif offset == regs.DRIVER_FEATURES:
             if self._drv_sel < 2:
                 shift = 32 * self._drv_sel
                 self.driver_features = self.driver_features & ~(0xFFFFFFFF << shift) | value << shift
-        elif offset == mmio.QUEUE_SEL:
+        elif offset == regs.QUEUE_SEL:
             self._queue_sel = value
-        elif offset == mmio.QUEUE_NUM:
+        elif offset == regs.QUEUE_NUM:
             self._q().num = value
-        elif offset in (mmio.QUEUE_DESC_LOW, mmio.QUEUE_DRIVER_LOW, mmio.QUEUE_DEVICE_LOW):
-            name = {mmio.QUEUE_DESC_LOW: "desc", mmio.QUEUE_DRIVER_LOW: "driver", mmio.QUEUE_DEVICE_LOW: "device"}
+        elif offset in (regs.QUEUE_DESC_LOW, regs.QUEUE_DRIVER_LOW, regs.QUEUE_DEVICE_LOW):
+            name = {regs.QUEUE_DESC_LOW: "desc", regs.QUEUE_DRIVER_LOW: "driver", regs.QUEUE_DEVICE_LOW: "device"}
             q = self._q()
             attr = name[offset]
             setattr(q, attr, getattr(q, attr) & ~0xFFFFFFFF | value)
-        elif offset in (mmio.QUEUE_DESC_HIGH, mmio.QUEUE_DRIVER_HIGH, mmio.QUEUE_DEVICE_HIGH):
-            name = {mmio.QUEUE_DESC_HIGH: "desc", mmio.QUEUE_DRIVER_HIGH: "driver",
-                    mmio.QUEUE_DEVICE_HIGH: "device"}
+        elif offset in (regs.QUEUE_DESC_HIGH, regs.QUEUE_DRIVER_HIGH, regs.QUEUE_DEVICE_HIGH):
+            name = {regs.QUEUE_DESC_HIGH: "desc", regs.QUEUE_DRIVER_HIGH: "driver",
+                    regs.QUEUE_DEVICE_HIGH: "device"}
             q = self._q()
             attr = name[offset]
             setattr(q, attr, getattr(q, attr) & 0xFFFFFFFF | value << 32)
-        elif offset == mmio.QUEUE_READY:
+        elif offset == regs.QUEUE_READY:
             q = self._q()
             q.ready = value & 1
             if q.ready:
@@ -469,7 +470,7 @@ class FakeMmioDevice:
                                     event_idx=bool(self.driver_features >> 29 & 1))
             else:
                 q.ring = None
-        elif offset == mmio.QUEUE_NOTIFY:
+        elif offset == regs.QUEUE_NOTIFY:
             self.notifies.append((value, vcpu))
             q = self.queues.get(value)
             if q is None or q.ring is None:
@@ -479,20 +480,20 @@ class FakeMmioDevice:
                 self.pending.setdefault(value, []).extend(chains)
             else:
                 self.serve(value, chains)
-        elif offset == mmio.INTERRUPT_ACK:
+        elif offset == regs.INTERRUPT_ACK:
             self.isr &= ~value
             if not self.isr:
                 self.line = False
-        elif offset == mmio.STATUS:
+        elif offset == regs.STATUS:
             if value == 0:
                 self._reset_reads_left = self.reset_delay_reads
                 if not self._reset_reads_left:
                     self._do_reset()
                 return
             newly = value & ~self.status
-            if newly & mmio.STATUS_FEATURES_OK:
+            if newly & regs.DeviceStatus.FEATURES_OK:
                 if self.refuse_features or self.driver_features & ~self.device_features:
-                    value &= ~mmio.STATUS_FEATURES_OK
+                    value &= ~regs.DeviceStatus.FEATURES_OK
             self.status = value
 
 

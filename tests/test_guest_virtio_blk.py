@@ -17,11 +17,12 @@ from tests.guest_driver_fakes import (
     blk_config,
 )
 from xen.sim import virtio_blk as vb
+from bridge import virtio_mmio as regs
 from xen.sim import virtio_mmio_driver as mmio
 from xen.sim.guest_memory import GuestAllocator
 from xen.sim.guest_virtqueue import DeviceMisbehaved, QueueDetached
 
-MAGIC = mmio.VIRTIO_MMIO_MAGIC
+MAGIC = regs.MAGIC
 VENDOR = 0x554D4551
 V1 = 1 << 32
 EVENT_IDX = 1 << 29
@@ -132,7 +133,7 @@ async def test_features_ok_refused_sets_failed():
     # virtio_features_ok reads Status back; the error path's virtio_add_status reads it again.
     assert rig.dev.log[-5:] == [("R", "Status", 3), ("W", "Status", 11), ("R", "Status", 3),
                                 ("R", "Status", 3), ("W", "Status", 0x83)]
-    assert rig.dev.status & mmio.STATUS_FAILED
+    assert rig.dev.status & regs.DeviceStatus.FAILED
 
 
 async def test_missing_version_1_is_refused_before_writing_features():
@@ -312,7 +313,7 @@ async def test_two_completions_close_together_are_both_noticed(nursery):
 
     def read_hook(offset, size, vcpu):
         value = original_read(offset, size, vcpu)
-        if offset == mmio.INTERRUPT_STATUS and late == ["between"]:
+        if offset == regs.INTERRUPT_STATUS and late == ["between"]:
             # Second completion between InterruptStatus and InterruptACK:
             # the line is still high, so there is no new edge.
             late.append("done")
@@ -321,7 +322,7 @@ async def test_two_completions_close_together_are_both_noticed(nursery):
 
     def write_hook(offset, size, value, vcpu):
         original_write(offset, size, value, vcpu)
-        if offset == mmio.INTERRUPT_ACK and late == ["after"]:
+        if offset == regs.INTERRUPT_ACK and late == ["after"]:
             # Second completion right after the ACK lowered the line: a fresh
             # edge, latched while the handler is still running.
             late.append("done")
@@ -364,7 +365,7 @@ async def test_needs_reset():
     rig = Rig()
     await rig.t.probe(vb.DEFAULT_FEATURES)
     assert not await rig.t.needs_reset()
-    rig.dev.status |= mmio.STATUS_DEVICE_NEEDS_RESET
+    rig.dev.status |= regs.DeviceStatus.DEVICE_NEEDS_RESET
     assert await rig.t.needs_reset()
 
 
@@ -611,7 +612,7 @@ async def test_mq_with_zero_queues_fails_the_device():
     rig = Rig(features=BLK_ALL | bits(vb.VIRTIO_BLK_F_MQ), num_queues=0)
     with pytest.raises(vb.VirtioBlkError, match="num_queues is 0"):
         await rig.open()
-    assert rig.dev.status & mmio.STATUS_FAILED
+    assert rig.dev.status & regs.DeviceStatus.FAILED
 
 
 async def test_event_idx_interrupts_only_when_asked(nursery):

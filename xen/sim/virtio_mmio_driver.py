@@ -47,6 +47,33 @@ from typing import Any
 import trio
 
 from bridge import split_ring as sr
+from bridge.virtio_mmio import (
+    CONFIG_GENERATION,
+    DEVICE_FEATURES,
+    DEVICE_FEATURES_SEL,
+    DEVICE_ID,
+    DRIVER_FEATURES,
+    DRIVER_FEATURES_SEL,
+    INTERRUPT_ACK,
+    INTERRUPT_STATUS,
+    MAGIC_VALUE,
+    QUEUE_DESC_LOW,
+    QUEUE_DEVICE_LOW,
+    QUEUE_DRIVER_LOW,
+    QUEUE_NOTIFY,
+    QUEUE_NUM,
+    QUEUE_NUM_MAX,
+    QUEUE_READY,
+    QUEUE_SEL,
+    STATUS,
+    VENDOR_ID,
+    DeviceStatus,
+)
+from bridge.virtio_mmio import CONFIG_OFFSET as CONFIG
+from bridge.virtio_mmio import INT_CONFIG as VIRTIO_MMIO_INT_CONFIG
+from bridge.virtio_mmio import INT_VRING as VIRTIO_MMIO_INT_VRING
+from bridge.virtio_mmio import MAGIC as VIRTIO_MMIO_MAGIC
+from bridge.virtio_mmio import VERSION_REG as VERSION
 from xen.sim.guest_memory import GuestAllocator
 from xen.sim.guest_virtqueue import (
     VIRTIO_F_EVENT_IDX,
@@ -76,64 +103,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Register offsets (virtio 1.2, 4.2.2).
-MAGIC_VALUE = 0x000
-VERSION = 0x004
-DEVICE_ID = 0x008
-VENDOR_ID = 0x00C
-DEVICE_FEATURES = 0x010
-DEVICE_FEATURES_SEL = 0x014
-DRIVER_FEATURES = 0x020
-DRIVER_FEATURES_SEL = 0x024
-QUEUE_SEL = 0x030
-QUEUE_NUM_MAX = 0x034
-QUEUE_NUM = 0x038
-QUEUE_READY = 0x044
-QUEUE_NOTIFY = 0x050
-INTERRUPT_STATUS = 0x060
-INTERRUPT_ACK = 0x064
-STATUS = 0x070
-QUEUE_DESC_LOW = 0x080
-QUEUE_DESC_HIGH = 0x084
-QUEUE_DRIVER_LOW = 0x090
-QUEUE_DRIVER_HIGH = 0x094
-QUEUE_DEVICE_LOW = 0x0A0
-QUEUE_DEVICE_HIGH = 0x0A4
-SHM_SEL = 0x0AC
-SHM_LEN_LOW = 0x0B0
-SHM_LEN_HIGH = 0x0B4
-SHM_BASE_LOW = 0x0B8
-SHM_BASE_HIGH = 0x0BC
-QUEUE_RESET = 0x0C0
-CONFIG_GENERATION = 0x0FC
-CONFIG = 0x100
-
-REGISTER_NAMES = {
-    MAGIC_VALUE: "MagicValue", VERSION: "Version", DEVICE_ID: "DeviceID", VENDOR_ID: "VendorID",
-    DEVICE_FEATURES: "DeviceFeatures", DEVICE_FEATURES_SEL: "DeviceFeaturesSel",
-    DRIVER_FEATURES: "DriverFeatures", DRIVER_FEATURES_SEL: "DriverFeaturesSel",
-    QUEUE_SEL: "QueueSel", QUEUE_NUM_MAX: "QueueNumMax", QUEUE_NUM: "QueueNum", QUEUE_READY: "QueueReady",
-    QUEUE_NOTIFY: "QueueNotify", INTERRUPT_STATUS: "InterruptStatus", INTERRUPT_ACK: "InterruptACK",
-    STATUS: "Status", QUEUE_DESC_LOW: "QueueDescLow", QUEUE_DESC_HIGH: "QueueDescHigh",
-    QUEUE_DRIVER_LOW: "QueueDriverLow", QUEUE_DRIVER_HIGH: "QueueDriverHigh",
-    QUEUE_DEVICE_LOW: "QueueDeviceLow", QUEUE_DEVICE_HIGH: "QueueDeviceHigh", SHM_SEL: "SHMSel",
-    SHM_LEN_LOW: "SHMLenLow", SHM_LEN_HIGH: "SHMLenHigh", SHM_BASE_LOW: "SHMBaseLow",
-    SHM_BASE_HIGH: "SHMBaseHigh", QUEUE_RESET: "QueueReset", CONFIG_GENERATION: "ConfigGeneration",
-}
-
-VIRTIO_MMIO_MAGIC = 0x74726976  # "virt", little-endian
-
-# Device status bits (virtio 1.2, 2.1).
-STATUS_ACKNOWLEDGE = 1
-STATUS_DRIVER = 2
-STATUS_DRIVER_OK = 4
-STATUS_FEATURES_OK = 8
-STATUS_DEVICE_NEEDS_RESET = 0x40
-STATUS_FAILED = 0x80
-
-# InterruptStatus bits.
-VIRTIO_MMIO_INT_VRING = 1
-VIRTIO_MMIO_INT_CONFIG = 2
+# The register map, status and interrupt bits are the spec's, shared with
+# the device side (bridge.virtio_mmio); the driver uses Linux's names.
+STATUS_ACKNOWLEDGE = DeviceStatus.ACKNOWLEDGE
+STATUS_DRIVER = DeviceStatus.DRIVER
+STATUS_DRIVER_OK = DeviceStatus.DRIVER_OK
+STATUS_FEATURES_OK = DeviceStatus.FEATURES_OK
+STATUS_DEVICE_NEEDS_RESET = DeviceStatus.DEVICE_NEEDS_RESET
+STATUS_FAILED = DeviceStatus.FAILED
 
 VIRTIO_F_VERSION_1 = 32
 
