@@ -20,7 +20,10 @@ from vhost_user.protocol import (
     ConnectionLost,
     DaemonTimeout,
     DaemonUnavailable,
+    REPLY_FLAGS,
+    U64,
     FrontendRequest,
+    Header,
     ProtocolError,
     VhostUserError,
     VringFd,
@@ -433,3 +436,25 @@ async def test_connect_works(tmp_path):
     assert await peer_recv_message(server) == (1, 0x1, b"", [])
     for s in (sock, server, listener):
         s.close()
+
+
+async def test_wait_hangup_ignores_traffic_and_returns_when_the_peer_goes(pair):
+    conn, peer = pair
+    async with trio.open_nursery() as nursery:
+        gone = trio.Event()
+
+        async def watch():
+            await conn.wait_hangup()
+            gone.set()
+
+        nursery.start_soon(watch)
+        # a reply in flight is ordinary traffic: the watcher stays asleep and
+        # leaves the bytes for recv()
+        await peer_send(peer, Header(FrontendRequest.GET_FEATURES, REPLY_FLAGS, 8).pack() + U64(7).pack())
+        await trio.sleep(0.05)
+        assert not gone.is_set()
+        msg = await conn.recv()
+        assert U64.unpack(msg.payload).value == 7
+        peer.close()
+        with trio.fail_after(5):
+            await gone.wait()

@@ -23,6 +23,7 @@ import enum
 import errno
 import logging
 import os
+import select
 import socket
 from typing import Iterable
 
@@ -150,6 +151,23 @@ class Connection:
     async def aclose(self) -> None:
         self.close()
         await trio.lowlevel.checkpoint()
+
+    async def wait_hangup(self) -> None:
+        """Return when the peer hangs up (or the socket errors), without
+        touching the byte stream: replies in flight are left to recv().
+
+        A private epoll instance watches the socket for EPOLLRDHUP only
+        (EPOLLHUP and EPOLLERR always report), so ordinary traffic never
+        wakes this task; trio waits on the epoll fd itself."""
+        if self._closed:
+            return
+        watcher = select.epoll(1)
+        try:
+            watcher.register(self._sock.fileno(), select.EPOLLRDHUP)
+            while not watcher.poll(0):
+                await trio.lowlevel.wait_readable(watcher.fileno())
+        finally:
+            watcher.close()
 
     def _mark_broken(self, reason: str) -> None:
         if self._broken is None and not self._closed:

@@ -641,6 +641,11 @@ class VhostUserFrontend:
             self._channel.close()
         self._conn.close()
 
+    async def wait_hangup(self) -> None:
+        """Return when the daemon closes its end of the connection (it
+        exited or crashed), even while no request is in flight."""
+        await self._conn.wait_hangup()
+
     async def aclose(self) -> None:
         """Close the socket and the back-end channel. Idempotent."""
         self._close_now()
