@@ -211,6 +211,8 @@ class GuestVirtqueue:
         # Linux's free_head list).
         self._free: list[int] = list(range(size - 1, -1, -1))
         self._in_flight: dict[int, _Chain] = {}
+        self.peak_in_flight = 0
+        """The most chains that were ever in flight at once."""
         self._waiters: deque[_DescWaiter] = deque()
         self._avail_idx = 0  # avail_idx_shadow
         self._num_added = 0
@@ -402,6 +404,7 @@ class GuestVirtqueue:
         writable = sum(length for _, length, flags in bufs if flags & sr.VIRTQ_DESC_F_WRITE)
         completion = Completion(head, token)
         self._in_flight[head] = _Chain(descs, table, writable, completion)
+        self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
         # The ring entry first, then the index that exposes it.
         slot = self._avail_idx & self._mask
         ram.write(self.avail_gpa + sr.avail_ring_entry(slot), sr.U16.pack(head))
