@@ -1,0 +1,369 @@
+"""The simulated guest (domU) of the Xen simulator.
+
+A test, the demo or a guest driver opens it in its own trio program::
+
+    async with SimGuest.open(control_path) as guest:
+        value = await guest.vcpus[0].read(0x02000000, 4)
+        guest.on_irq(33, handler)
+
+Each vCPU does one MMIO access at a time over its trap socket; the simulator
+turns it into an ioreq for whichever ioreq server claims the address and
+answers when the device model completes it. Interrupts arrive on a channel
+of their own and are dispatched like a GIC dispatches an edge-triggered SPI:
+the handler runs once per latched edge, and an edge that arrives while the
+handler runs is latched and runs it again afterwards (edges that arrive while
+one is already latched and not yet taken merge into it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import trio
+
+from xen.hypervisor import HypervisorError, HypervisorUnavailable
+from xen.sim import control
+from xen.sim.control import (
+    IRQ_RECORD,
+    TRAP_BAD_REQUEST,
+    TRAP_DATA_ABORT,
+    TRAP_DM_GONE,
+    TRAP_DOMAIN_CRASHED,
+    TRAP_OK,
+    TRAP_READ,
+    TRAP_REPLY,
+    TRAP_REQUEST,
+    TRAP_VCPU_HUNG,
+    TRAP_WRITE,
+)
+
+log = logging.getLogger(__name__)
+
+_U64_MAX = 0xFFFFFFFFFFFFFFFF
+_SIZES = (1, 2, 4, 8)
+
+
+class GuestError(Exception):
+    """An access the simulated guest made did not complete normally."""
+
+
+class GuestAccessFault(GuestError):
+    """Data abort: no ioreq server serves that address (or Xen refused to
+    forward the access because the device model broke its slot)."""
+
+
+class VcpuHung(GuestError):
+    """The simulator's watchdog fired: the device model never completed the
+    ioreq (real Xen would keep the vCPU blocked forever)."""
+
+
+class DeviceModelGone(GuestError):
+    """The ioreq server went away while the vCPU waited on it."""
+
+
+class DomainCrashed(GuestError):
+    """Xen would have crashed the domain (e.g. an ioreq state went backwards)."""
+
+
+_STATUS_ERRORS: dict[int, type[GuestError]] = {
+    TRAP_DATA_ABORT: GuestAccessFault,
+    TRAP_VCPU_HUNG: VcpuHung,
+    TRAP_DM_GONE: DeviceModelGone,
+    TRAP_DOMAIN_CRASHED: DomainCrashed,
+    TRAP_BAD_REQUEST: GuestError,
+}
+
+
+class GuestRam:
+    """Guest-physical RAM, mapped from the simulator's RAM memfd.
+
+    ``base`` and ``size`` describe bank 0; ``banks`` lists every bank as
+    (gpa, size, fd_offset) (a guest bigger than 3 GiB at the default base has
+    a second bank at 0x200000000, as on Xen on Arm). An access must lie
+    inside one bank."""
+
+    def __init__(self, fd: int, regions: list[dict]) -> None:
+        banks = sorted((r["gpa"], r["size"], r["fd_offset"]) for r in regions)
+        if not banks:
+            raise ValueError("the simulator reported no guest RAM")
+        total = max(off + size for _gpa, size, off in banks)
+        self._mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._view = memoryview(self._mm)
+        self.banks = banks
+        self.base, self.size = banks[0][0], banks[0][1]
+
+    def _offset(self, gpa: int, length: int) -> int:
+        if length < 0:
+            raise ValueError(f"negative length {length} at guest-physical {gpa:#x}")
+        for bank_gpa, size, fd_offset in self.banks:
+            if bank_gpa <= gpa and gpa + length <= bank_gpa + size:
+                return fd_offset + gpa - bank_gpa
+        where = ", ".join(f"{g:#x}-{g + s - 1:#x}" for g, s, _ in self.banks)
+        raise ValueError(f"guest-physical {gpa:#x}+{length:#x} is outside guest RAM ({where})")
+
+    def read(self, gpa: int, length: int) -> bytes:
+        off = self._offset(gpa, length)
+        return self._mm[off : off + length]
+
+    def write(self, gpa: int, data) -> None:
+        data = memoryview(data).cast("B")
+        off = self._offset(gpa, len(data))
+        self._mm[off : off + len(data)] = data
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable view of guest RAM (release it before the guest closes)."""
+        off = self._offset(gpa, length)
+        return self._view[off : off + length]
+
+    def close(self) -> None:
+        self._view.release()
+        try:
+            self._mm.close()
+        except BufferError:
+            log.warning("guest RAM is still exported through a view; it stays mapped until that view goes")
+
+
+class SimVcpu:
+    """One vCPU of the simulated guest: one MMIO access at a time."""
+
+    def __init__(self, index: int, sock: socket.socket) -> None:
+        self.index = index
+        self._sock = sock
+        # One access at a time, like a real vCPU. A flag and a parking lot
+        # rather than trio.Lock: no extra scheduler round on the hot path.
+        self._busy = False
+        self._waiting = trio.lowlevel.ParkingLot()
+        self._seq = 0
+        self._request = bytearray(TRAP_REQUEST.size)
+        self._reply = bytearray(TRAP_REPLY.size + 4096)
+
+    async def read(self, addr: int, size: int) -> int:
+        """Load ``size`` bytes (1, 2, 4 or 8) from guest-physical ``addr``."""
+        return await self._access(TRAP_READ, addr, size, 0)
+
+    async def write(self, addr: int, size: int, value: int) -> None:
+        """Store the low ``size`` bytes of ``value`` (a 64-bit register) at ``addr``."""
+        if not 0 <= value <= _U64_MAX:
+            raise ValueError(f"value {value:#x} does not fit a 64-bit register")
+        await self._access(TRAP_WRITE, addr, size, value)
+
+    async def _access(self, kind: int, addr: int, size: int, value: int) -> int:
+        if size not in _SIZES:
+            raise ValueError(f"access size {size}: a vCPU accesses 1, 2, 4 or 8 bytes")
+        if not 0 <= addr <= _U64_MAX - size + 1:
+            raise ValueError(f"address {addr:#x} is not a 64-bit guest-physical address")
+        sock = self._sock
+        while self._busy:
+            await self._waiting.park()
+        self._busy = True
+        try:
+            seq = self._seq = (self._seq + 1) & 0xFFFFFFFF
+            TRAP_REQUEST.pack_into(self._request, 0, kind, size, 0, seq, addr, value)
+            while True:
+                try:
+                    sock.send(self._request)
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
+                except OSError as exc:
+                    raise GuestError(f"vCPU {self.index}: lost the simulator ({exc.strerror})") from None
+            buf = self._reply
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    n = sock.recv_into(buf)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    raise GuestError(f"vCPU {self.index}: lost the simulator ({exc.strerror})") from None
+                if n == 0:
+                    raise GuestError(f"vCPU {self.index}: the simulator closed its trap socket (did it exit?)")
+                if n < TRAP_REPLY.size:
+                    raise GuestError(f"vCPU {self.index}: short trap reply of {n} bytes")
+                status, _r1, _r2, reply_seq, data = TRAP_REPLY.unpack_from(buf)
+                if reply_seq != seq:
+                    continue  # the answer to an access whose caller was cancelled
+                if status == TRAP_OK:
+                    return data
+                message = bytes(buf[TRAP_REPLY.size : n]).decode("utf-8", "replace") or control.TRAP_STATUS_NAMES.get(
+                    status, f"status {status}"
+                )
+                raise _STATUS_ERRORS.get(status, GuestError)(message)
+        finally:
+            self._busy = False
+            if self._waiting:
+                self._waiting.unpark()
+
+    def close(self) -> None:
+        trio.lowlevel.notify_closing(self._sock)
+        self._sock.close()
+
+
+class _IrqLine:
+    __slots__ = ("irq", "level", "edges", "runs", "pending", "active", "handler", "wakeup", "changed")
+
+    def __init__(self, irq: int) -> None:
+        self.irq = irq
+        self.level = 0
+        self.edges = 0
+        self.runs = 0
+        self.pending = False
+        self.active = False
+        self.handler: Callable[[], Awaitable[None]] | None = None
+        self.wakeup: trio.Event | None = None
+        self.changed = trio.Event()
+
+
+class SimGuest:
+    """The guest domain of a running ``xen-sim``."""
+
+    def __init__(
+        self,
+        info: dict,
+        control_sock,
+        ram: GuestRam,
+        vcpus: list[SimVcpu],
+        irq_sock: socket.socket,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.domid: int = info["domid"]
+        self.arch: str = info.get("arch", "arm")
+        self.irq_model: str = info.get("irq_model", "xen")
+        self.ram = ram
+        self.vcpus = vcpus
+        self._control = control_sock
+        self._irq_sock = irq_sock
+        self._nursery = nursery
+        self._lines: dict[int, _IrqLine] = {}
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, control_path: str) -> AsyncIterator["SimGuest"]:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with sock:
+            try:
+                await sock.connect(control_path)
+            except OSError as exc:
+                raise HypervisorUnavailable(f"no Xen simulator at {control_path} ({exc.strerror or exc})") from None
+            await control.trio_send_message(sock, {"op": "hello", "role": "guest", "protocol": control.PROTOCOL_VERSION})
+            received = await control.trio_recv_message(sock)
+            if received is None:
+                raise HypervisorError("the Xen simulator closed the connection before attaching the guest")
+            if received.error is not None:
+                raise HypervisorError(f"unreadable reply from the Xen simulator: {received.error}")
+            info, fds = received.message, received.fds
+            if info.get("ok") is not True:
+                control.close_fds(fds)
+                raise HypervisorError(str(info.get("error", info)))
+            nr_vcpus = info["vcpus"]
+            if len(fds) != nr_vcpus + 2:
+                control.close_fds(fds)
+                raise HypervisorError(f"the simulator sent {len(fds)} fds for a {nr_vcpus}-vCPU guest (expected {nr_vcpus + 2})")
+            try:
+                ram = GuestRam(fds[0], info["ram"])
+            finally:
+                control.close_fds(fds[:1])
+            socks = [socket.socket(fileno=fd) for fd in fds[1:]]
+            for s in socks:
+                s.setblocking(False)
+            vcpus = [SimVcpu(i, s) for i, s in enumerate(socks[:-1])]
+            irq_sock = socks[-1]
+            try:
+                async with trio.open_nursery() as nursery:
+                    guest = cls(info, sock, ram, vcpus, irq_sock, nursery)
+                    nursery.start_soon(guest._irq_reader)
+                    yield guest
+                    nursery.cancel_scope.cancel()
+            finally:
+                for vcpu in vcpus:
+                    vcpu.close()
+                trio.lowlevel.notify_closing(irq_sock)
+                irq_sock.close()
+                ram.close()
+
+    # --- interrupts
+
+    def _line(self, irq: int) -> _IrqLine:
+        line = self._lines.get(irq)
+        if line is None:
+            line = self._lines[irq] = _IrqLine(irq)
+        return line
+
+    def on_irq(self, irq: int, handler: Callable[[], Awaitable[None]]) -> None:
+        """Run ``handler`` for every edge latched on ``irq`` (including one
+        latched before the handler was set). Replaces an earlier handler."""
+        line = self._line(irq)
+        first = line.handler is None
+        line.handler = handler
+        if first:
+            line.wakeup = trio.Event()
+            self._nursery.start_soon(self._irq_runner, line)
+
+    def irq_level(self, irq: int) -> int:
+        """The line level as the simulator last reported it."""
+        line = self._lines.get(irq)
+        return line.level if line is not None else 0
+
+    def edge_count(self, irq: int) -> int:
+        """Edges the vGIC latched on ``irq`` so far."""
+        line = self._lines.get(irq)
+        return line.edges if line is not None else 0
+
+    def handler_runs(self, irq: int) -> int:
+        """How many times the handler of ``irq`` has finished."""
+        line = self._lines.get(irq)
+        return line.runs if line is not None else 0
+
+    async def wait_irq_edges(self, irq: int, count: int) -> None:
+        """Wait until ``irq`` has seen at least ``count`` edges in total."""
+        line = self._line(irq)
+        while line.edges < count:
+            await line.changed.wait()
+
+    def _irq_record(self, irq: int, level: int, edge: int) -> None:
+        line = self._line(irq)
+        line.level = level
+        if edge:
+            line.edges += 1
+            line.pending = True
+            if line.wakeup is not None:
+                line.wakeup.set()
+        changed = line.changed
+        line.changed = trio.Event()
+        changed.set()
+
+    async def _irq_reader(self) -> None:
+        sock = self._irq_sock
+        buf = bytearray(IRQ_RECORD.size * 512)
+        unpack = IRQ_RECORD.unpack_from
+        size = IRQ_RECORD.size
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            while True:
+                try:
+                    n = sock.recv_into(buf)
+                except BlockingIOError:
+                    break
+                if n == 0:
+                    log.warning("the simulator closed the interrupt channel")
+                    return
+                for off in range(0, n - n % size, size):
+                    irq, level, edge, _reserved = unpack(buf, off)
+                    self._irq_record(irq, level, edge)
+
+    async def _irq_runner(self, line: _IrqLine) -> None:
+        while True:
+            while line.pending:
+                line.pending = False  # acknowledged: pending -> active
+                line.active = True
+                try:
+                    await line.handler()
+                finally:
+                    line.active = False  # EOI
+                line.runs += 1
+            line.wakeup = trio.Event()
+            await line.wakeup.wait()
