@@ -1,0 +1,182 @@
+"""The command line: ``xen-vhost-bridge --domid N --socket PATH [...]``.
+
+Errors a user can cause (a bad flag, no daemon on the socket, no Xen, a
+wrong domid) end in one line on stderr and a non-zero exit, never a
+traceback. ``-v`` turns on info logging, ``-vv`` debug (every vhost-user
+message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import trio
+
+from bridge.app import BridgeConfig, run_bridge
+from bridge.device import DeviceSetupError
+from bridge.device_types import DEVICE_TYPES
+from bridge.split_ring import is_valid_queue_size
+from vhost_user.protocol import VhostUserError
+from xen.hypervisor import HypervisorError
+
+PROG = "xen-vhost-bridge"
+
+# Xen on Arm: libxl puts the first virtio-mmio window at 0x02000000 (0x200
+# each) and hands out SPIs from 33.
+DEFAULT_MMIO_BASE = 0x02000000
+DEFAULT_IRQ = 33
+MIN_SPI, MAX_SPI = 32, 987
+EXIT_USER_ERROR = 1
+
+# What a user can get wrong, as opposed to a bug in the bridge.
+USER_ERRORS = (HypervisorError, VhostUserError, DeviceSetupError, OSError, ValueError)
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _domid(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value < 0x7FF0:  # DOMID_FIRST_RESERVED
+        raise argparse.ArgumentTypeError(f"domid {value} is out of range (0 to 32751)")
+    return value
+
+
+def _mmio_base(text: str) -> int:
+    value = _int(text)
+    if value < 0 or value % 0x200:
+        raise argparse.ArgumentTypeError(f"MMIO base {text} must be a non-negative multiple of 0x200")
+    return value
+
+
+def _irq(text: str) -> int:
+    value = _int(text)
+    if not MIN_SPI <= value <= MAX_SPI:
+        raise argparse.ArgumentTypeError(f"irq {value} is not an SPI ({MIN_SPI} to {MAX_SPI})")
+    return value
+
+
+def _queue_size(text: str) -> int:
+    value = _int(text)
+    if not is_valid_queue_size(value):
+        raise argparse.ArgumentTypeError(f"queue size {value} is not a power of two from 1 to 32768")
+    return value
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("the timeout must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Serve a Xen guest's virtio-mmio device with an unmodified vhost-user daemon: "
+            "an IOREQ server for the device's MMIO window that speaks vhost-user to the daemon."
+        ),
+        epilog="Example: %(prog)s --domid 1 --socket /run/vhost-blk.sock --xen-sim /tmp/xen-sim.sock",
+    )
+    parser.add_argument("--domid", type=_domid, required=True, help="the guest's domain id")
+    parser.add_argument(
+        "--socket", required=True, metavar="PATH", help="the vhost-user daemon's UNIX socket (the daemon listens)"
+    )
+    parser.add_argument(
+        "--xen-sim",
+        metavar="PATH",
+        help="talk to the simulated hypervisor at this control socket (xen-sim) instead of real Xen",
+    )
+    parser.add_argument(
+        "--device",
+        choices=sorted(DEVICE_TYPES),
+        default="blk",
+        help="the virtio device type the daemon serves (default: blk)",
+    )
+    parser.add_argument(
+        "--mmio-base",
+        type=_mmio_base,
+        default=DEFAULT_MMIO_BASE,
+        metavar="ADDR",
+        help=f"guest-physical base of the 0x200-byte virtio-mmio window (default: {DEFAULT_MMIO_BASE:#x})",
+    )
+    parser.add_argument(
+        "--irq", type=_irq, default=DEFAULT_IRQ, metavar="N", help=f"the device's SPI (default: {DEFAULT_IRQ})"
+    )
+    parser.add_argument(
+        "--queue-size",
+        type=_queue_size,
+        default=256,
+        metavar="N",
+        help="QueueNumMax the device reports for each virtqueue (default: 256)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long to wait for each daemon reply before declaring it broken (default: 5)",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log more (-v: info, -vv: every vhost-user message)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
+    config = BridgeConfig(
+        domid=args.domid,
+        socket_path=args.socket,
+        device_type=DEVICE_TYPES[args.device],
+        mmio_base=args.mmio_base,
+        irq=args.irq,
+        xen_sim=args.xen_sim,
+        queue_size=args.queue_size,
+        timeout=args.timeout,
+    )
+
+    def ready(message: str) -> None:
+        print(f"{PROG}: ready: {message}", flush=True)
+
+    try:
+        trio.run(lambda: run_bridge(config, on_ready=ready))
+    except BaseException as exc:  # noqa: BLE001 - sorted below, re-raised if not ours
+        error = user_error(exc)
+        if error is None:
+            if isinstance(exc, KeyboardInterrupt):
+                return 130
+            raise
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The first user-caused error in ``exc`` (which may be an exception
+    group from a nursery), or None when it is something else."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = user_error(inner)
+            if found is not None:
+                return found
+        return None
+    if isinstance(exc, USER_ERRORS):
+        return exc
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""One virtio-mmio window bound to one vhost-user daemon.
+
+The register model (bridge.virtio_mmio) decides what a guest access means;
+this object carries out the effects:
+
+- QueueNotify -> a write to that queue's kick eventfd (the hot path: no
+  allocation, no logging);
+- the daemon's call eventfd -> InterruptStatus bit 0 and a rising edge on the
+  SPI; InterruptACK lowers the line, and raises it again at once when bits
+  are still pending, because libxl wires virtio-mmio SPIs edge-triggered
+  and only a fresh edge is seen;
+- DRIVER_OK -> vhost-user start (memory table, rings, kick and call fds);
+  Status = 0 -> vhost-user stop; both hold the guest's vCPU (the ioreq is
+  completed when the daemon has answered), as QEMU does, so a driver that
+  reads Status back after a reset sees a device that really stopped;
+- a config write -> SET_CONFIG; the daemon's CONFIG_CHANGE_MSG -> GET_CONFIG,
+  a new ConfigGeneration and a config interrupt.
+
+Anything the daemon gets wrong (it dies, it refuses, it times out) leaves the
+bridge running and the device in DEVICE_NEEDS_RESET with a config interrupt,
+the way virtio tells a driver that a device broke.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import trio
+
+from bridge import split_ring
+from bridge.device_types import VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, DeviceType, guest_features
+from bridge.memory import OutsideGuestRam, PassthroughMemory
+from bridge.virtio_mmio import (
+    INT_CONFIG,
+    INT_VRING,
+    ConfigWrite,
+    DriverOk,
+    InterruptAck,
+    Kick,
+    QueueEnable,
+    QueueReset,
+    Reset,
+    VirtioMmioModel,
+)
+from vhost_user.frontend import RingSetup, VhostUserFrontend
+from vhost_user.protocol import ProtocolFeature, VhostUserError
+from xen.hypervisor import Hypervisor, HypervisorError
+
+log = logging.getLogger(__name__)
+
+# VendorID the device reports: "XVHB" read as a little-endian word.
+VENDOR_ID = int.from_bytes(b"XVHB", "little")
+
+_EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
+
+
+class DeviceSetupError(Exception):
+    """The daemon cannot back this device (one clear sentence why)."""
+
+
+class VhostUserDevice:
+    def __init__(
+        self,
+        *,
+        hypervisor: Hypervisor,
+        device_type: DeviceType,
+        socket_path: str,
+        irq: int,
+        memory: PassthroughMemory,
+        queue_size: int = 256,
+        timeout: float = 5.0,
+    ) -> None:
+        self.hv = hypervisor
+        self.type = device_type
+        self.socket_path = socket_path
+        self.irq = irq
+        self.memory = memory
+        self.queue_size = queue_size
+        self.timeout = timeout
+        self.frontend: VhostUserFrontend | None = None
+        self.model: VirtioMmioModel | None = None
+        self.failed: str | None = None
+        self._nursery: trio.Nursery | None = None
+        self._lifecycle = trio.Lock()
+        self._line = 0
+        # Per started ring: index -> (kick fd, call fd). Kicks index a list.
+        self._rings: dict[int, tuple[int, int]] = {}
+        self._kick_fds: list[int] = []
+
+    # --- life of the device --------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Dial the daemon, build the register model from what it offers,
+        report started, then keep the daemon's channels served until
+        cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.frontend = await VhostUserFrontend.connect(
+                    self.socket_path,
+                    nursery=nursery,
+                    handler=self,
+                    default_num_queues=self.type.default_num_queues,
+                    config_size=self.type.config_size,
+                    timeout=self.timeout,
+                )
+                self.model = self._build_model(self.frontend)
+                log.info(
+                    "virtio-%s backed by %s: offering the guest features %#x, %d queues",
+                    self.type.name,
+                    self.socket_path,
+                    self.model.device_features,
+                    self.frontend.num_queues,
+                )
+                nursery.start_soon(self._watch_daemon)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._close_rings()
+            if self.frontend is not None:
+                with trio.CancelScope(shield=True):
+                    await self.frontend.aclose()
+
+    async def _watch_daemon(self) -> None:
+        await self.frontend.wait_hangup()
+        self._fail("the daemon closed its vhost-user connection (it exited or crashed)")
+
+    def _build_model(self, frontend: VhostUserFrontend) -> VirtioMmioModel:
+        features = guest_features(frontend.device_features)
+        if not features >> VIRTIO_F_VERSION_1 & 1:
+            raise DeviceSetupError(
+                f"the daemon at {self.socket_path} does not offer VIRTIO_F_VERSION_1, which virtio-mmio version 2 requires"
+            )
+        if frontend.num_queues < 1:
+            raise DeviceSetupError(f"the daemon at {self.socket_path} reports {frontend.num_queues} queues")
+        return VirtioMmioModel(
+            device_id=self.type.virtio_id,
+            vendor_id=VENDOR_ID,
+            device_features=features,
+            queue_num_max=[self.queue_size] * frontend.num_queues,
+            config=frontend.config,
+            config_writable=bool(frontend.protocol_features & ProtocolFeature.CONFIG),
+        )
+
+    # --- the MMIO window (called by the IOREQ server) -------------------
+
+    def mmio_read(self, offset: int, size: int) -> int:
+        return self.model.read(offset, size)
+
+    def mmio_write(self, offset: int, size: int, value: int):
+        effects = self.model.write(offset, size, value)
+        slow = None
+        for effect in effects:
+            kind = type(effect)
+            if kind is Kick:
+                self._kick(effect.queue)
+            elif kind is InterruptAck:
+                self._set_line(0)
+                if effect.status:
+                    self._set_line(1)
+            else:
+                slow = (slow or ()) + (effect,)
+        if slow:
+            return self._carry_out(slow)
+        return None
+
+    def _kick(self, queue: int) -> None:
+        try:
+            os.eventfd_write(self._kick_fds[queue], 1)
+        except (IndexError, OSError):
+            pass  # that ring is not started (its start failed): nothing to kick
+
+    # --- interrupts ------------------------------------------------------
+
+    def raise_interrupt(self, bits: int) -> None:
+        if self.model.raise_interrupt(bits):
+            self._set_line(1)
+
+    def _set_line(self, level: int) -> None:
+        if level == self._line:
+            return
+        try:
+            self.hv.set_irq_level(self.irq, level)
+        except HypervisorError as exc:
+            log.error("cannot set irq %d to %d: %s", self.irq, level, exc)
+            return
+        self._line = level
+
+    def _fail(self, reason: str) -> None:
+        """The daemon let us down: tell the guest the virtio way."""
+        if self.failed is None:
+            log.error("virtio-%s at daemon %s: %s; the device needs a reset", self.type.name, self.socket_path, reason)
+        self.failed = reason
+        if self.model.set_needs_reset():
+            self.raise_interrupt(INT_CONFIG)
+
+    # --- effects that talk to the daemon --------------------------------
+
+    async def _carry_out(self, effects: Sequence[object]) -> None:
+        async with self._lifecycle:
+            for effect in effects:
+                kind = type(effect)
+                try:
+                    with trio.fail_after(self.timeout * 4):
+                        if kind is DriverOk:
+                            await self._start()
+                        elif kind is Reset:
+                            await self._stop()
+                        elif kind is ConfigWrite:
+                            await self.frontend.set_config(effect.offset, effect.data)
+                        elif kind is QueueReset:
+                            await self._stop_queue(effect.queue)
+                        elif kind is QueueEnable:
+                            await self._start_queue(effect.queue)
+                except (VhostUserError, OutsideGuestRam, OSError) as exc:
+                    self._fail(f"{type(effect).__name__}: {exc}")
+                except trio.TooSlowError:
+                    self._fail(f"{type(effect).__name__}: the daemon did not answer in time")
+
+    def _ring_setup(self, index: int) -> RingSetup:
+        q = self.model.queues[index]
+        if self.model.driver_features >> VIRTIO_F_RING_PACKED & 1:
+            desc_len, driver_len, device_len = 16 * q.num, 4, 4
+        else:
+            desc_len = split_ring.desc_table_size(q.num)
+            driver_len = split_ring.avail_ring_size(q.num)
+            device_len = split_ring.used_ring_size(q.num)
+        mem = self.memory
+        desc = mem.gpa_to_user(q.desc, desc_len)
+        avail = mem.gpa_to_user(q.driver, driver_len)
+        used = mem.gpa_to_user(q.device, device_len)
+        kick = os.eventfd(0, _EFD_FLAGS)
+        try:
+            call = os.eventfd(0, _EFD_FLAGS)
+        except OSError:
+            os.close(kick)
+            raise
+        self._rings[index] = (kick, call)
+        return RingSetup(
+            index=index, num=q.num, base=0, desc_addr=desc, avail_addr=avail, used_addr=used, kick_fd=kick, call_fd=call
+        )
+
+    def _publish_kicks(self) -> None:
+        kicks = [-1] * len(self.model.queues)
+        for index, (kick, _call) in self._rings.items():
+            kicks[index] = kick
+        self._kick_fds = kicks
+
+    async def _start(self) -> None:
+        if self.failed is not None:
+            raise VhostUserError(f"not starting: {self.failed}")
+        rings = [self._ring_setup(i) for i in self.model.ready_queues()]
+        await self.frontend.start(self.model.driver_features, self.memory.regions, rings)
+        for ring in rings:
+            self._nursery.start_soon(self._relay_calls, ring.index, ring.call_fd)
+        self._publish_kicks()
+        log.info("virtio-%s started: features %#x, rings %s", self.type.name, self.model.driver_features,
+                 [r.index for r in rings])
+
+    async def _stop(self) -> None:
+        """The guest reset the device: stop every ring in the daemon."""
+        started = sorted(self._rings)
+        self._kick_fds = []
+        try:
+            if started and self.failed is None:
+                bases = await self.frontend.stop(started)
+                log.info("virtio-%s stopped; ring bases %s", self.type.name, bases)
+        finally:
+            self._close_rings()
+            self.failed = None  # a reset is how a guest recovers a broken device
+            self._set_line(0)
+
+    async def _stop_queue(self, index: int) -> None:
+        if index in self._rings:
+            await self.frontend.stop_ring(index)
+            self._close_ring(index)
+            self._publish_kicks()
+
+    async def _start_queue(self, index: int) -> None:
+        ring = self._ring_setup(index)
+        await self.frontend.start_ring(ring)
+        self._nursery.start_soon(self._relay_calls, ring.index, ring.call_fd)
+        self._publish_kicks()
+
+    async def _relay_calls(self, index: int, call_fd: int) -> None:
+        """The daemon's call eventfd for one ring -> a used-buffer interrupt."""
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(call_fd)
+                try:
+                    os.eventfd_read(call_fd)
+                except BlockingIOError:
+                    continue
+                self.raise_interrupt(INT_VRING)
+        except (trio.ClosedResourceError, OSError):
+            return  # the ring was stopped and its fds closed
+
+    def _close_ring(self, index: int) -> None:
+        kick, call = self._rings.pop(index)
+        for fd in (kick, call):
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+
+    def _close_rings(self) -> None:
+        self._kick_fds = []
+        for index in list(self._rings):
+            self._close_ring(index)
+
+    # --- the daemon's requests (BackendHandler) -------------------------
+
+    async def config_changed(self) -> None:
+        if not self.type.config_size:
+            return
+        try:
+            config = await self.frontend.get_config(self.type.config_size)
+        except VhostUserError as exc:
+            self._fail(f"re-reading config after CONFIG_CHANGE_MSG: {exc}")
+            return
+        if self.model.update_config(config):
+            self.raise_interrupt(INT_CONFIG)
+
+    def vring_call(self, index: int) -> None:
+        self.raise_interrupt(INT_VRING)
+
+    def vring_err(self, index: int) -> None:
+        self._fail(f"the daemon reported an error on ring {index}")

@@ -1,0 +1,64 @@
+"""The virtio device types the bridge knows by name, and which feature bits
+it passes between the guest and the daemon.
+
+The daemon defines the device: its features, queue count and config space
+come from vhost-user. What the bridge adds per type is only what vhost-user
+cannot tell: the virtio device id the guest sees, how many bytes of config
+space to ask for, and how many queues to assume when the daemon does not
+offer MQ.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.frozen
+class DeviceType:
+    name: str
+    virtio_id: int
+    config_size: int
+    """Bytes of config space to read with GET_CONFIG (0: the daemon has none)."""
+    default_num_queues: int
+    """Queues when the daemon does not negotiate MQ."""
+
+
+DEVICE_TYPES: dict[str, DeviceType] = {
+    # struct virtio_blk_config up to write_zeroes_may_unmap: 60 bytes, the
+    # size QEMU's vhost-user-blk front-end asks for.
+    "blk": DeviceType("blk", virtio_id=2, config_size=60, default_num_queues=1),
+    # struct virtio_gpu_config: events_read, events_clear, num_scanouts, num_capsets.
+    "gpu": DeviceType("gpu", virtio_id=16, config_size=16, default_num_queues=2),
+    # virtiofsd offers no CONFIG; hiprio + one request queue.
+    "fs": DeviceType("fs", virtio_id=26, config_size=0, default_num_queues=2),
+    # struct virtio_net_config as far as mtu: mac, status, max_virtqueue_pairs, mtu.
+    "net": DeviceType("net", virtio_id=1, config_size=12, default_num_queues=2),
+}
+
+# Transport feature bits (virtio 1.2 section 6) the bridge lets through from
+# the daemon to the guest. Device-specific bits 0-23 always pass; of the
+# rest, only what a vhost-user daemon implements on its own rings:
+VIRTIO_F_INDIRECT_DESC = 28
+VIRTIO_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_RING_PACKED = 34
+VIRTIO_F_IN_ORDER = 35
+VIRTIO_F_RING_RESET = 40
+
+DEVICE_SPECIFIC_MASK = (1 << 24) - 1
+PASSED_TRANSPORT_FEATURES = (
+    (1 << VIRTIO_F_INDIRECT_DESC)
+    | (1 << VIRTIO_F_EVENT_IDX)
+    | (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_F_RING_PACKED)
+    | (1 << VIRTIO_F_IN_ORDER)
+)
+# Left out on purpose: NOTIFY_ON_EMPTY (24) and ANY_LAYOUT (27) are legacy;
+# LOG_ALL (26) and PROTOCOL_FEATURES (30) are vhost-user's own;
+# ACCESS_PLATFORM (33) would mean an IOMMU the bridge does not emulate;
+# NOTIFICATION_DATA (38) carries data that a kick eventfd cannot.
+
+
+def guest_features(daemon_features: int) -> int:
+    """The features the device offers the guest, given the daemon's."""
+    return daemon_features & (DEVICE_SPECIFIC_MASK | PASSED_TRANSPORT_FEATURES)

@@ -1,0 +1,170 @@
+"""bridge.device: the effects of guest accesses and daemon events, with the
+real register model, a stand-in front-end and a hypervisor that records
+interrupt line changes. (The whole path with the real daemon is in
+test_e2e_blk.py.)"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import pytest
+import trio
+
+from bridge import virtio_mmio as vm
+from bridge.device import VhostUserDevice
+from bridge.device_types import DEVICE_TYPES
+from bridge.memory import PassthroughMemory
+from vhost_user.protocol import ConnectionLost
+from xen.hypervisor import GuestRamRegion
+
+IRQ = 40
+RAM_BASE = 0x4000_0000
+FEATURES = (1 << 32) | (1 << 9)
+
+
+class RecordingXen:
+    def __init__(self) -> None:
+        self.levels: list[int] = []
+
+    def set_irq_level(self, irq: int, level: int) -> None:
+        assert irq == IRQ
+        self.levels.append(level)
+
+
+class StandInFrontend:
+    def __init__(self, config: bytes) -> None:
+        self.config = config
+        self.started: list = []
+        self.stopped: list = []
+        self.fail_with: Exception | None = None
+
+    async def get_config(self, size: int) -> bytes:
+        return self.config[:size]
+
+    async def start(self, features, regions, rings) -> None:
+        if self.fail_with:
+            raise self.fail_with
+        self.started.append((features, [r.index for r in rings], [(r.kick_fd, r.call_fd) for r in rings]))
+
+    async def stop(self, indices):
+        self.stopped.append(list(indices))
+        return {i: 0 for i in indices}
+
+
+@pytest.fixture
+def ram():
+    fd = os.memfd_create("guest-ram")
+    os.ftruncate(fd, 1 << 20)
+    memory = PassthroughMemory([GuestRamRegion(gpa=RAM_BASE, size=1 << 20, fd=fd)])
+    yield memory
+    memory.close()
+    os.close(fd)
+
+
+@pytest.fixture
+async def device(ram, nursery):
+    xen = RecordingXen()
+    dev = VhostUserDevice(hypervisor=xen, device_type=DEVICE_TYPES["blk"], socket_path="/x", irq=IRQ, memory=ram)
+    dev.frontend = StandInFrontend(config=bytes(60))
+    dev.model = vm.VirtioMmioModel(
+        device_id=2, vendor_id=0, device_features=FEATURES, queue_num_max=[8], config=bytes(60)
+    )
+    dev._nursery = nursery
+    return dev, xen
+
+
+async def drive_to_driver_ok(dev: VhostUserDevice) -> None:
+    """Linux's probe and queue set-up, then DRIVER_OK (run to completion)."""
+    w = dev.mmio_write
+    assert w(vm.STATUS, 4, 0) is None
+    w(vm.STATUS, 4, 1)
+    w(vm.STATUS, 4, 3)
+    w(vm.DRIVER_FEATURES_SEL, 4, 1)
+    w(vm.DRIVER_FEATURES, 4, FEATURES >> 32)
+    w(vm.DRIVER_FEATURES_SEL, 4, 0)
+    w(vm.DRIVER_FEATURES, 4, FEATURES & 0xFFFFFFFF)
+    w(vm.STATUS, 4, 0xB)
+    w(vm.QUEUE_SEL, 4, 0)
+    w(vm.QUEUE_NUM, 4, 8)
+    for reg, gpa in ((vm.QUEUE_DESC_LOW, 0x1000), (vm.QUEUE_DRIVER_LOW, 0x2000), (vm.QUEUE_DEVICE_LOW, 0x3000)):
+        w(reg, 4, RAM_BASE + gpa)
+    w(vm.QUEUE_READY, 4, 1)
+    pending = w(vm.STATUS, 4, 0xF)
+    assert pending is not None  # the start talks to the daemon: the vCPU waits
+    await pending
+
+
+async def test_driver_ok_starts_the_ready_ring_and_kicks_reach_its_eventfd(device):
+    dev, _xen = device
+    await drive_to_driver_ok(dev)
+    [(features, rings, fds)] = dev.frontend.started
+    assert features == FEATURES and rings == [0]
+    kick, _call = fds[0]
+    assert dev.mmio_write(vm.QUEUE_NOTIFY, 4, 0) is None
+    assert dev.mmio_write(vm.QUEUE_NOTIFY, 4, 0) is None
+    assert os.eventfd_read(kick) == 2
+
+
+async def test_the_daemons_call_raises_the_line_and_ack_lowers_it(device):
+    dev, xen = device
+    await drive_to_driver_ok(dev)
+    _kick, call = dev.frontend.started[0][2][0]
+    os.eventfd_write(call, 1)
+    with trio.fail_after(5):
+        while xen.levels != [1]:
+            await trio.sleep(0.001)
+    assert dev.mmio_read(vm.INTERRUPT_STATUS, 4) == vm.INT_VRING
+    dev.mmio_write(vm.INTERRUPT_ACK, 4, vm.INT_VRING)
+    assert xen.levels == [1, 0]
+
+
+async def test_an_ack_that_leaves_bits_pending_makes_a_fresh_edge(device):
+    dev, xen = device
+    await drive_to_driver_ok(dev)
+    dev.raise_interrupt(vm.INT_VRING)
+    dev.raise_interrupt(vm.INT_CONFIG)  # line already high: no new edge yet
+    assert xen.levels == [1]
+    dev.mmio_write(vm.INTERRUPT_ACK, 4, vm.INT_VRING)
+    # still pending: lower and raise again, so an edge-triggered SPI sees it
+    assert xen.levels == [1, 0, 1]
+
+
+async def test_config_change_bumps_the_generation_and_raises_a_config_interrupt(device):
+    dev, xen = device
+    await drive_to_driver_ok(dev)
+    generation = dev.mmio_read(vm.CONFIG_GENERATION, 4)
+    dev.frontend.config = (12345).to_bytes(8, "little") + bytes(52)
+    await dev.config_changed()
+    assert dev.mmio_read(vm.CONFIG_GENERATION, 4) != generation
+    assert dev.mmio_read(vm.CONFIG_OFFSET, 4) == 12345
+    assert dev.mmio_read(vm.INTERRUPT_STATUS, 4) == vm.INT_CONFIG
+    assert xen.levels == [1]
+    await dev.config_changed()  # same bytes again: nothing to tell the guest
+    assert xen.levels == [1]
+
+
+async def test_a_failed_start_sets_needs_reset_and_a_reset_recovers(device):
+    dev, xen = device
+    dev.frontend.fail_with = ConnectionLost("daemon went away")
+    await drive_to_driver_ok(dev)
+    assert dev.mmio_read(vm.STATUS, 4) & vm.DeviceStatus.DEVICE_NEEDS_RESET
+    assert dev.mmio_read(vm.INTERRUPT_STATUS, 4) & vm.INT_CONFIG
+    assert xen.levels == [1]
+    reset = dev.mmio_write(vm.STATUS, 4, 0)
+    if reset is not None:
+        await reset
+    assert dev.mmio_read(vm.STATUS, 4) == 0
+    assert xen.levels == [1, 0]
+    assert dev.failed is None
+
+
+async def test_reset_stops_the_started_rings_and_closes_their_fds(device):
+    dev, _xen = device
+    await drive_to_driver_ok(dev)
+    kick, call = dev.frontend.started[0][2][0]
+    await dev.mmio_write(vm.STATUS, 4, 0)
+    assert dev.frontend.stopped == [[0]]
+    for fd in (kick, call):
+        with pytest.raises(OSError):
+            os.fstat(fd)
