@@ -1,0 +1,94 @@
+"""Child processes that harnesses start and must stop: daemons, the
+simulator, the bridge itself.
+
+Every child is stopped by its own PID (SIGTERM, then SIGKILL after a grace
+period), never by name, and its output is kept in a file so that a failure
+can say what the child printed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+
+
+class ChildFailed(RuntimeError):
+    """A child died, or did not become ready in time."""
+
+
+class Child:
+    def __init__(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self._log = tempfile.TemporaryFile(prefix=f"{name}-")
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # a Ctrl-C at the terminal reaches the harness, not every child
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def output(self) -> str:
+        self._log.flush()
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
+
+    def _fail(self, what: str) -> ChildFailed:
+        tail = "\n".join(self.output().strip().splitlines()[-15:])
+        status = "still running" if self.alive() else f"exit status {self.proc.returncode}"
+        return ChildFailed(f"{self.name} (pid {self.pid}) {what} ({status}); its output:\n{tail}")
+
+    def wait_for(self, ready, what: str, timeout: float = 10.0) -> None:
+        """Poll ``ready()`` until it is true; fail if the child dies first."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if not self.alive():
+                raise self._fail(f"exited before {what}")
+            if time.monotonic() > deadline:
+                raise self._fail(f"did not get to {what} within {timeout:g} s")
+            time.sleep(0.02)
+
+    def wait_for_output(self, text: str, timeout: float = 10.0) -> None:
+        self.wait_for(lambda: text in self.output(), f"printing {text!r}", timeout)
+
+    def wait_for_socket(self, path: str, timeout: float = 10.0) -> None:
+        self.wait_for(lambda: os.path.exists(path), f"creating {path}", timeout)
+
+    def stop(self, grace: float = 5.0) -> int | None:
+        """Stop the child by PID and reap it; returns its exit status."""
+        if self.alive():
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait()
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL by PID (a crash, for tests of what survives one)."""
+        if self.alive():
+            os.kill(self.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def __enter__(self) -> "Child":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,155 @@
+"""A whole path on one machine: a real qemu-storage-daemon on an image file,
+the Xen simulator, and the bridge between them, each its own process.
+
+The demo, the end-to-end tests and harnesses use it; the simulated guest
+(xen.sim.guest) then connects to the simulator like a domU would. Everything
+is started in path order and stopped in reverse, by PID, and the image and
+sockets are removed unless the caller owns them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import bridge
+from bridge.cli import DEFAULT_IRQ, DEFAULT_MMIO_BASE
+from bridge.daemons import start_qemu_storage_daemon
+from bridge.processes import Child
+from xen.sim.launch import start_simulator
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(bridge.__file__)))
+
+
+def bridge_argv(
+    *,
+    domid: int,
+    socket_path: str,
+    xen_sim: str,
+    device: str = "blk",
+    mmio_base: int = DEFAULT_MMIO_BASE,
+    irq: int = DEFAULT_IRQ,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "bridge.cli",
+        "--domid",
+        str(domid),
+        "--socket",
+        socket_path,
+        "--xen-sim",
+        xen_sim,
+        "--device",
+        device,
+        "--mmio-base",
+        hex(mmio_base),
+        "--irq",
+        str(irq),
+        "-v",
+        *extra,
+    ]
+
+
+def child_env() -> dict[str, str]:
+    """The environment for children running this checkout's modules."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def start_bridge(argv: Sequence[str], timeout: float = 15.0) -> Child:
+    child = Child("xen-vhost-bridge", argv, env=child_env())
+    try:
+        child.wait_for_output("ready:", timeout)
+    except BaseException:
+        child.stop()
+        raise
+    return child
+
+
+class BlkTestbed:
+    """qemu-storage-daemon + simulator + bridge for one virtio-blk device."""
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        image_size: int = 64 << 20,
+        image: str | None = None,
+        domid: int = 1,
+        vcpus: int = 1,
+        ram_mib: int = 256,
+        mmio_base: int = DEFAULT_MMIO_BASE,
+        irq: int = DEFAULT_IRQ,
+        bridge_extra: Sequence[str] = (),
+        sim_extra: Sequence[str] = (),
+    ) -> None:
+        self.workdir = workdir
+        self.image = image or os.path.join(workdir, "disk.img")
+        self._own_image = image is None
+        self.image_size = image_size
+        self.daemon_socket = os.path.join(workdir, "vhost-blk.sock")
+        self.control = os.path.join(workdir, "xen-sim.sock")
+        self.domid = domid
+        self.vcpus = vcpus
+        self.ram_mib = ram_mib
+        self.mmio_base = mmio_base
+        self.irq = irq
+        self.bridge_extra = tuple(bridge_extra)
+        self.sim_extra = tuple(sim_extra)
+        self.daemon: Child | None = None
+        self.sim = None
+        self.bridge: Child | None = None
+
+    def start(self) -> "BlkTestbed":
+        try:
+            if self._own_image:
+                with open(self.image, "wb") as f:
+                    f.truncate(self.image_size)
+            self.daemon = start_qemu_storage_daemon(self.image, self.daemon_socket)
+            self.sim = start_simulator(
+                self.control, domid=self.domid, vcpus=self.vcpus, ram_mib=self.ram_mib, extra_args=self.sim_extra
+            )
+            self.start_bridge()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_bridge(self) -> Child:
+        self.bridge = start_bridge(
+            bridge_argv(
+                domid=self.domid,
+                socket_path=self.daemon_socket,
+                xen_sim=self.control,
+                mmio_base=self.mmio_base,
+                irq=self.irq,
+                extra=self.bridge_extra,
+            )
+        )
+        return self.bridge
+
+    def stop(self) -> None:
+        """Stop what was started, in reverse path order; remove what we made."""
+        for name in ("bridge", "sim", "daemon"):
+            child = getattr(self, name)
+            if child is not None:
+                child.stop()
+                setattr(self, name, None)
+        paths = [self.daemon_socket, self.control]
+        if self._own_image:
+            paths.append(self.image)
+        for path in paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "BlkTestbed":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
