@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 
 from bridge.processes import Child
 
@@ -45,8 +46,22 @@ def start_qemu_storage_daemon(
     argv = qemu_storage_daemon_argv(image, socket_path, writable=writable, num_queues=num_queues)
     child = Child("qemu-storage-daemon", argv)
     try:
-        child.wait_for_socket(socket_path, timeout)
+        # The socket file appears at bind(), before listen(): wait until it
+        # accepts. The probe is harmless; the daemon serves the next
+        # front-end once a client hangs up.
+        child.wait_for(lambda: _accepts(socket_path), f"listening on {socket_path}", timeout)
     except BaseException:
         child.stop()
         raise
     return child
+
+
+def _accepts(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()

@@ -15,6 +15,17 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+# The checkout this code runs from: children (the simulator, the bridge)
+# import its packages whether or not it was pip-installed.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_env() -> dict[str, str]:
+    """The environment for children running this checkout's modules."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
 
 class ChildFailed(RuntimeError):
     """A child died, or did not become ready in time."""

@@ -13,13 +13,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-import bridge
 from bridge.cli import DEFAULT_IRQ, DEFAULT_MMIO_BASE
 from bridge.daemons import start_qemu_storage_daemon
-from bridge.processes import Child
+from bridge.processes import Child, child_env
 from xen.sim.launch import start_simulator
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(bridge.__file__)))
 
 
 def bridge_argv(
@@ -51,13 +48,6 @@ def bridge_argv(
         "-v",
         *extra,
     ]
-
-
-def child_env() -> dict[str, str]:
-    """The environment for children running this checkout's modules."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
-    return env
 
 
 def start_bridge(argv: Sequence[str], timeout: float = 15.0) -> Child:

@@ -5,7 +5,6 @@ test_e2e_blk.py.)"""
 
 from __future__ import annotations
 
-import mmap
 import os
 
 import pytest

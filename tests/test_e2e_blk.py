@@ -19,7 +19,8 @@ import trio
 from bridge.blk_workload import SECTOR, WorkloadResult, compare_image, run_blk_workload
 from bridge.daemons import start_qemu_storage_daemon
 from bridge.device import VENDOR_ID
-from bridge.testbed import BlkTestbed, bridge_argv, child_env
+from bridge.processes import child_env
+from bridge.testbed import BlkTestbed, bridge_argv
 from xen.sim.guest import SimGuest
 from xen.sim.guest_memory import GuestAllocator
 from xen.sim.launch import start_simulator

@@ -17,25 +17,6 @@ from xen.sim.control import ProtocolError
 from xen.sim.launch import SimulatorError, start_simulator
 
 
-@pytest.fixture
-def start_sim(tmp_path):
-    started = []
-
-    def start(**kwargs):
-        sim = start_simulator(str(tmp_path / f"xen-sim{len(started)}.sock"), **kwargs)
-        started.append(sim)
-        return sim
-
-    yield start
-    for sim in started:
-        sim.stop()
-    for sim in started:
-        assert not sim.running()
-        assert not os.path.exists(sim.control_path)
-        with pytest.raises(ProcessLookupError):
-            os.kill(sim.pid, 0)
-
-
 # --- the pure part -------------------------------------------------------------------
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import inspect
 import mmap
-import os
 import struct
 
 import pytest
@@ -18,31 +17,12 @@ from xen import abi
 from xen.hypervisor import HypervisorError, HypervisorUnavailable
 from xen.sim.client import SimHypervisor, SimHypervisorError
 from xen.sim.guest import DeviceModelGone, DomainCrashed, GuestAccessFault, SimGuest, VcpuHung
-from xen.sim.launch import start_simulator
 
 BASE = 0x02000000  # libxl's first virtio-mmio window
 WINDOW = (BASE, BASE + 0x1FF)
 READY = abi.IoreqState.IOREQ_READY
 INPROCESS = abi.IoreqState.INPROCESS
 IORESP_READY = abi.IoreqState.IORESP_READY
-
-
-@pytest.fixture
-def start_sim(tmp_path):
-    """Start simulators in tmp_path; all of them are stopped by PID after the test."""
-    started = []
-
-    def start(**kwargs):
-        sim = start_simulator(str(tmp_path / f"xen-sim{len(started)}.sock"), **kwargs)
-        started.append(sim)
-        return sim
-
-    yield start
-    for sim in started:
-        sim.stop()
-    for sim in started:
-        assert not sim.running()
-        assert not os.path.exists(sim.control_path)
 
 
 @pytest.fixture

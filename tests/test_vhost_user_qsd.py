@@ -9,14 +9,12 @@ import contextlib
 import ctypes
 import mmap
 import os
-import socket
 import struct
-import subprocess
-import time
 
 import pytest
 import trio
 
+from bridge.daemons import start_qemu_storage_daemon
 from vhost_user import (
     MemoryRegionFd,
     ProtocolFeature,
@@ -26,7 +24,6 @@ from vhost_user import (
 
 pytestmark = pytest.mark.e2e
 
-QSD = "/usr/bin/qemu-storage-daemon"
 IMAGE_SIZE = 16 << 20
 SECTOR = 512
 VIRTIO_F_VERSION_1 = 1 << 32
@@ -43,54 +40,19 @@ class NullHandler:
         pass
 
 
-def _socket_accepts(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
 @pytest.fixture
 def qsd(tmp_path):
     """A running qemu-storage-daemon: yields (socket path, image path)."""
-    if not os.access(QSD, os.X_OK):
-        pytest.skip(f"{QSD} is not installed")
     image = tmp_path / "disk.img"
     with open(image, "wb") as f:
         f.truncate(IMAGE_SIZE)
         f.write(bytes(range(256)) * 2)  # sector 0 gets a pattern
     sock = tmp_path / "blk.sock"
-    log = open(tmp_path / "qsd.log", "wb")
-    proc = subprocess.Popen(
-        [QSD,
-         "--blockdev", f"driver=file,node-name=f,filename={image}",
-         "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,"
-                     f"addr.path={sock},writable=on"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    daemon = start_qemu_storage_daemon(str(image), str(sock))
     try:
-        deadline = time.monotonic() + 10
-        # Probing with a connection is harmless: the daemon serves whoever
-        # connects next once a client hangs up.
-        while not (sock.exists() and _socket_accepts(str(sock))):
-            if proc.poll() is not None:
-                pytest.fail(f"qemu-storage-daemon exited with {proc.returncode}: "
-                            f"{(tmp_path / 'qsd.log').read_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail("qemu-storage-daemon did not create its socket within 10 s")
-            time.sleep(0.02)
         yield str(sock), image
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        daemon.stop()
         for path in (sock, image):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

@@ -2,26 +2,20 @@
 
 ``start_simulator`` runs ``python -m xen.sim.hypervisor`` and returns once
 the simulator prints its ready line; :meth:`SimProcess.stop` ends it by PID
-(SIGTERM, then SIGKILL if it does not go) and removes its socket. The
-simulator's log (stderr) goes to an anonymous file, readable through
-:meth:`SimProcess.log_text` and quoted when it fails to start.
+(SIGTERM, then SIGKILL if it does not go) and removes its socket. What the
+simulator logs is kept, readable through :meth:`SimProcess.log_text` and
+quoted when it fails to start.
 """
 
 from __future__ import annotations
 
 import os
-import select
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
 
-import xen
+from bridge.processes import Child, ChildFailed, child_env
 
 READY_PREFIX = "xen-sim: ready "
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(xen.__file__)))
 
 
 class SimulatorError(RuntimeError):
@@ -31,46 +25,27 @@ class SimulatorError(RuntimeError):
 class SimProcess:
     """A running simulator child. Use as a context manager or call stop()."""
 
-    def __init__(self, popen: subprocess.Popen, control_path: str, log_file) -> None:
-        self._popen = popen
-        self.pid = popen.pid
+    def __init__(self, child: Child, control_path: str) -> None:
+        self._child = child
+        self.pid = child.pid
         self.control_path = control_path
-        self._log = log_file
-        self._final_log = ""
         self._socket_ino: int | None = None
 
     @property
     def returncode(self) -> int | None:
-        return self._popen.poll()
+        return self._child.proc.poll()
 
     def running(self) -> bool:
-        return self._popen.poll() is None
+        return self._child.alive()
 
     def log_text(self) -> str:
-        """Everything the simulator has logged so far (also after stop())."""
-        if self._log.closed:
-            return self._final_log
-        return os.pread(self._log.fileno(), 1 << 24, 0).decode("utf-8", "replace")
+        """Everything the simulator has printed so far (also after stop())."""
+        return self._child.output()
 
     def stop(self, timeout: float = 5.0) -> int | None:
         """SIGTERM by PID, wait; SIGKILL if it is still there after ``timeout``.
         Removes the control socket. Idempotent; returns the exit status."""
-        popen = self._popen
-        if popen.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.kill(self.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                popen.wait()
-        if popen.stdout is not None and not popen.stdout.closed:
-            popen.stdout.close()
+        status = self._child.stop(grace=timeout)
         if self._socket_ino is not None:
             # Remove the socket only if it is still the one this simulator made
             # (it removes it itself on a clean exit; not after SIGKILL).
@@ -80,10 +55,7 @@ class SimProcess:
             except OSError:
                 pass
             self._socket_ino = None
-        if not self._log.closed:
-            self._final_log = self.log_text()
-            self._log.close()
-        return popen.returncode
+        return status
 
     def close(self) -> None:
         self.stop()
@@ -124,44 +96,15 @@ def start_simulator(
     timeout: float = 15.0,
 ) -> SimProcess:
     """Start the simulator and wait for its ready line."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
-    log_file = tempfile.TemporaryFile(prefix="xen-sim-log-")
     argv = simulator_argv(control_path, domid=domid, vcpus=vcpus, ram_mib=ram_mib, extra_args=extra_args)
-    popen = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file, env=env, close_fds=True
-    )
-    sim = SimProcess(popen, control_path, log_file)
+    sim = SimProcess(Child("xen-sim", argv, env=child_env()), control_path)
     try:
-        _wait_ready(sim, popen, timeout)
+        sim._child.wait_for_output(READY_PREFIX, timeout)
+        sim._socket_ino = os.stat(control_path).st_ino
+    except ChildFailed as exc:
+        sim.stop()
+        raise SimulatorError(str(exc)) from None
     except BaseException:
         sim.stop()
         raise
     return sim
-
-
-def _wait_ready(sim: SimProcess, popen: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    fd = popen.stdout.fileno()
-    data = b""
-    while b"\n" not in data:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise SimulatorError(f"xen-sim did not get ready within {timeout:g} s{_quote(sim.log_text())}")
-        readable = select.select([fd], [], [], left)[0]
-        if not readable:
-            continue
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            status = popen.wait(5)
-            raise SimulatorError(f"xen-sim exited with status {status} before it was ready{_quote(sim.log_text())}")
-        data += chunk
-    line = data.split(b"\n", 1)[0].decode("utf-8", "replace")
-    if not line.startswith(READY_PREFIX):
-        raise SimulatorError(f"xen-sim said {line!r} instead of its ready line{_quote(sim.log_text())}")
-    sim._socket_ino = os.stat(sim.control_path).st_ino
-
-
-def _quote(text: str) -> str:
-    text = text.strip()
-    return f":\n{text}" if text else ""
