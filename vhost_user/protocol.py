@@ -302,6 +302,21 @@ def _build(cls: type[P], *args: object) -> P:
         raise ProtocolError(f"malformed {cls.__name__} payload: {e}") from None
 
 
+class _Struct:
+    """A payload that is exactly one C struct: the attrs fields, in order,
+    are the struct's fields (``LAYOUT``); nothing else may follow."""
+
+    __slots__ = ()
+    LAYOUT: ClassVar[struct.Struct]
+
+    def pack(self) -> bytes:
+        return self.LAYOUT.pack(*attrs.astuple(self, recurse=False))
+
+    @classmethod
+    def unpack(cls: type[P], buf: bytes) -> P:
+        return _build(cls, *_fixed_unpack(cls, cls.LAYOUT, buf))
+
+
 @attrs.frozen
 class Empty:
     """No payload at all (size 0)."""
@@ -340,37 +355,25 @@ _U64_LAYOUT = struct.Struct("=Q")
 
 
 @attrs.frozen
-class U64:
+class U64(_Struct):
     value: int = attrs.field(validator=_u64)
 
+    LAYOUT = _U64_LAYOUT
     SIZE: ClassVar[int] = _U64_LAYOUT.size
-
-    def pack(self) -> bytes:
-        return _U64_LAYOUT.pack(self.value)
-
-    @classmethod
-    def unpack(cls, buf: bytes) -> U64:
-        return _build(cls, *_fixed_unpack(cls, _U64_LAYOUT, buf))
 
 
 _VRING_STATE = struct.Struct("=II")
 
 
 @attrs.frozen
-class VringState:
+class VringState(_Struct):
     """struct vhost_vring_state: SET_VRING_NUM/BASE/ENABLE, GET_VRING_BASE."""
 
     index: int = attrs.field(validator=_u32)
     num: int = attrs.field(validator=_u32)
 
+    LAYOUT = _VRING_STATE
     SIZE: ClassVar[int] = _VRING_STATE.size
-
-    def pack(self) -> bytes:
-        return _VRING_STATE.pack(self.index, self.num)
-
-    @classmethod
-    def unpack(cls, buf: bytes) -> VringState:
-        return _build(cls, *_fixed_unpack(cls, _VRING_STATE, buf))
 
 
 VRING_F_LOG = 0x1  # VHOST_VRING_F_LOG in vhost_vring_addr.flags
@@ -378,7 +381,7 @@ _VRING_ADDR = struct.Struct("=IIQQQQ")
 
 
 @attrs.frozen
-class VringAddr:
+class VringAddr(_Struct):
     """struct vhost_vring_addr. The wire order is index, flags, desc, USED,
     AVAIL, log; desc/used/avail are front-end user addresses (IOVAs with
     ACCESS_PLATFORM), log is a guest-physical address."""
@@ -390,20 +393,12 @@ class VringAddr:
     avail: int = attrs.field(validator=_u64)
     log: int = attrs.field(validator=_u64)
 
+    LAYOUT = _VRING_ADDR
     SIZE: ClassVar[int] = _VRING_ADDR.size  # 40
 
     def __attrs_post_init__(self) -> None:
         if self.flags & ~VRING_F_LOG:
             raise ValueError(f"vring address flags {self.flags:#x} have unknown bits set")
-
-    def pack(self) -> bytes:
-        return _VRING_ADDR.pack(
-            self.index, self.flags, self.desc, self.used, self.avail, self.log
-        )
-
-    @classmethod
-    def unpack(cls, buf: bytes) -> VringAddr:
-        return _build(cls, *_fixed_unpack(cls, _VRING_ADDR, buf))
 
 
 VRING_IDX_MASK = 0xFF
@@ -435,7 +430,7 @@ _REGION = struct.Struct("=QQQQ")
 
 
 @attrs.frozen
-class MemoryRegion:
+class MemoryRegion(_Struct):
     """One region of a memory table: guest-physical address, size, the
     front-end's user address of it, and its offset in the fd."""
 
@@ -444,6 +439,7 @@ class MemoryRegion:
     user_addr: int = attrs.field(validator=_u64)
     mmap_offset: int = attrs.field(validator=_u64)
 
+    LAYOUT = _REGION
     SIZE: ClassVar[int] = _REGION.size  # 32
 
     def __attrs_post_init__(self) -> None:
@@ -453,13 +449,6 @@ class MemoryRegion:
             if getattr(self, name) + self.size - 1 > _U64:
                 raise ValueError(f"memory region {name} {getattr(self, name):#x} + size "
                                  f"{self.size:#x} wraps around 2**64")
-
-    def pack(self) -> bytes:
-        return _REGION.pack(self.gpa, self.size, self.user_addr, self.mmap_offset)
-
-    @classmethod
-    def unpack(cls, buf: bytes) -> MemoryRegion:
-        return _build(cls, *_fixed_unpack(cls, _REGION, buf))
 
 
 _TABLE_HEAD = struct.Struct("=II")
@@ -578,7 +567,7 @@ _INFLIGHT = struct.Struct("=QQHH4x")
 
 
 @attrs.frozen
-class Inflight:
+class Inflight(_Struct):
     """GET/SET_INFLIGHT_FD: u64 mmap_size, u64 mmap_offset, u16 num_queues,
     u16 queue_size, 4 bytes of struct tail padding (24 bytes)."""
 
@@ -587,34 +576,22 @@ class Inflight:
     num_queues: int = attrs.field(validator=_u16)
     queue_size: int = attrs.field(validator=_u16)
 
+    LAYOUT = _INFLIGHT
     SIZE: ClassVar[int] = _INFLIGHT.size  # 24
-
-    def pack(self) -> bytes:
-        return _INFLIGHT.pack(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
-
-    @classmethod
-    def unpack(cls, buf: bytes) -> Inflight:
-        return _build(cls, *_fixed_unpack(cls, _INFLIGHT, buf))
 
 
 _LOG = struct.Struct("=QQ")
 
 
 @attrs.frozen
-class Log:
+class Log(_Struct):
     """SET_LOG_BASE with LOG_SHMFD: u64 mmap_size, u64 mmap_offset."""
 
     mmap_size: int = attrs.field(validator=_u64)
     mmap_offset: int = attrs.field(validator=_u64)
 
+    LAYOUT = _LOG
     SIZE: ClassVar[int] = _LOG.size
-
-    def pack(self) -> bytes:
-        return _LOG.pack(self.mmap_size, self.mmap_offset)
-
-    @classmethod
-    def unpack(cls, buf: bytes) -> Log:
-        return _build(cls, *_fixed_unpack(cls, _LOG, buf))
 
 
 IOTLB_MISS = 1
@@ -625,7 +602,7 @@ _IOTLB = struct.Struct("=QQQBB6x")
 
 
 @attrs.frozen
-class IotlbMsg:
+class IotlbMsg(_Struct):
     """struct vhost_iotlb_msg: iova, size, uaddr, u8 perm, u8 type (32 bytes)."""
 
     iova: int = attrs.field(validator=_u64)
@@ -634,18 +611,12 @@ class IotlbMsg:
     perm: int = attrs.field(validator=_uint(3))
     type: int = attrs.field(validator=_u8)
 
+    LAYOUT = _IOTLB
     SIZE: ClassVar[int] = _IOTLB.size
 
     def __attrs_post_init__(self) -> None:
         if not IOTLB_MISS <= self.type <= IOTLB_ACCESS_FAIL:
             raise ValueError(f"IOTLB message type {self.type} is not 1..4")
-
-    def pack(self) -> bytes:
-        return _IOTLB.pack(self.iova, self.size, self.uaddr, self.perm, self.type)
-
-    @classmethod
-    def unpack(cls, buf: bytes) -> IotlbMsg:
-        return _build(cls, *_fixed_unpack(cls, _IOTLB, buf))
 
 
 _VRING_AREA = struct.Struct("=QQQ")
@@ -700,21 +671,14 @@ _STATE_TRANSFER = struct.Struct("=II")
 
 
 @attrs.frozen
-class DeviceStateTransfer:
+class DeviceStateTransfer(_Struct):
     """SET_DEVICE_STATE_FD: u32 direction (0 save, 1 load), u32 phase (0 stopped)."""
 
     direction: int = attrs.field(validator=_uint(1))
     phase: int = attrs.field(validator=_uint(0))
 
+    LAYOUT = _STATE_TRANSFER
     SIZE: ClassVar[int] = _STATE_TRANSFER.size
-
-    def pack(self) -> bytes:
-        return _STATE_TRANSFER.pack(self.direction, self.phase)
-
-    @classmethod
-    def unpack(cls, buf: bytes) -> DeviceStateTransfer:
-        return _build(cls, *_fixed_unpack(cls, _STATE_TRANSFER, buf))
-
 
 # --------------------------------------------------------------------------
 # Which payload each request carries
