@@ -252,10 +252,13 @@ class VhostUserDevice:
         if self.failed is not None:
             raise VhostUserError(f"not starting: {self.failed}")
         rings = [self._ring_setup(i) for i in self.model.ready_queues()]
+        # Kicks go to the new eventfds from now on, even while the daemon is
+        # still being told about them: an eventfd keeps its count until the
+        # daemon polls it, so no QueueNotify from another vCPU is lost.
+        self._publish_kicks()
         await self.frontend.start(self.model.driver_features, self.memory.regions, rings)
         for ring in rings:
             self._nursery.start_soon(self._relay_calls, ring.index, ring.call_fd)
-        self._publish_kicks()
         log.info("virtio-%s started: features %#x, rings %s", self.type.name, self.model.driver_features,
                  [r.index for r in rings])
 
@@ -280,9 +283,9 @@ class VhostUserDevice:
 
     async def _start_queue(self, index: int) -> None:
         ring = self._ring_setup(index)
+        self._publish_kicks()
         await self.frontend.start_ring(ring)
         self._nursery.start_soon(self._relay_calls, ring.index, ring.call_fd)
-        self._publish_kicks()
 
     async def _relay_calls(self, index: int, call_fd: int) -> None:
         """The daemon's call eventfd for one ring -> a used-buffer interrupt."""

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import trio
+import trio.testing
 
 from bridge import virtio_mmio as vm
 from bridge.device import VhostUserDevice
@@ -37,6 +38,7 @@ class StandInFrontend:
         self.started: list = []
         self.stopped: list = []
         self.fail_with: Exception | None = None
+        self.hold: trio.Event | None = None
 
     async def get_config(self, size: int) -> bytes:
         return self.config[:size]
@@ -44,6 +46,8 @@ class StandInFrontend:
     async def start(self, features, regions, rings) -> None:
         if self.fail_with:
             raise self.fail_with
+        if self.hold is not None:
+            await self.hold.wait()
         self.started.append((features, [r.index for r in rings], [(r.kick_fd, r.call_fd) for r in rings]))
 
     async def stop(self, indices):
@@ -167,3 +171,25 @@ async def test_reset_stops_the_started_rings_and_closes_their_fds(device):
     for fd in (kick, call):
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+async def test_a_kick_during_the_start_sequence_is_not_lost(device, nursery):
+    """Another vCPU may notify while DRIVER_OK's start is still talking to
+    the daemon; the kick must be waiting in the eventfd when the daemon
+    gets it."""
+    dev, _xen = device
+    dev.frontend.hold = trio.Event()
+    done = trio.Event()
+
+    async def probe():
+        await drive_to_driver_ok(dev)
+        done.set()
+
+    nursery.start_soon(probe)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not done.is_set()  # the start is still in progress
+    assert dev.mmio_write(vm.QUEUE_NOTIFY, 4, 0) is None
+    dev.frontend.hold.set()
+    await done.wait()
+    kick, _call = dev.frontend.started[0][2][0]
+    assert os.eventfd_read(kick) == 1
