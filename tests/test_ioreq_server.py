@@ -6,6 +6,7 @@ process is exercised by the end-to-end tests."""
 from __future__ import annotations
 
 import mmap
+import os
 import socket
 import struct
 
@@ -68,7 +69,10 @@ class FakeXen(Hypervisor):
     def __init__(self, vcpus: int) -> None:
         self.domid = DOMID
         self.vcpus = vcpus
-        self.page = mmap.mmap(-1, abi.PAGE_SIZE)
+        # Xen's side and the device model's side are two mappings of one page.
+        self._page_fd = os.memfd_create("ioreq-page")
+        os.ftruncate(self._page_fd, abi.PAGE_SIZE)
+        self.page = mmap.mmap(self._page_fd, abi.PAGE_SIZE)
         self.evtchn = FakeEventChannel()
         self.calls: list[tuple] = []
         self.enabled = False
@@ -81,7 +85,7 @@ class FakeXen(Hypervisor):
         return 3
 
     def map_ioreq_pages(self, server_id: int) -> IoreqPages:
-        return IoreqPages(ioreq=self.page)
+        return IoreqPages(ioreq=mmap.mmap(self._page_fd, abi.PAGE_SIZE))
 
     def set_ioreq_server_state(self, server_id: int, enabled: bool) -> None:
         self.calls.append(("state", enabled))
@@ -271,3 +275,22 @@ def test_router_rejects_overlaps_and_finds_windows():
     assert router.lookup(0x21FE, 4) is None
     assert router.lookup(0x1FFF, 1) is None
     assert router.lookup(0x2600, 1) is None
+
+
+async def test_shutdown_completes_a_slot_still_held_by_a_slow_access():
+    """Cancelling the server (SIGTERM) must not leave a vCPU waiting in Xen."""
+    xen = FakeXen(vcpus=1)
+    regs = Registers()
+    regs.gate = trio.Event()  # never set: the access would wait forever
+    router = MmioRouter()
+    router.add(BASE, 0x200, regs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(IoreqServer(xen, router).serve)
+        xen.post(0, addr=BASE + 0x20, size=4, is_read=True)
+        with trio.fail_after(5):
+            while xen.slot(0).state != abi.IoreqState.INPROCESS:
+                await trio.sleep(0.001)
+        nursery.cancel_scope.cancel()
+    slot = xen.slot(0)
+    assert slot.state == abi.IoreqState.IORESP_READY and slot.data == 0xFFFFFFFF
+    assert xen.evtchn.notified == [LOCAL_PORT_BASE]

@@ -33,7 +33,7 @@ from typing import Protocol
 import trio
 
 from xen import abi
-from xen.hypervisor import EventChannel, Hypervisor, IoreqPages
+from xen.hypervisor import EventChannel, Hypervisor, HypervisorError, IoreqPages
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class IoreqServer:
         hv = self.hv
         self.nr_vcpus = hv.nr_vcpus()
         if not 0 < self.nr_vcpus <= abi.MAX_VCPUS_PER_PAGE:
-            raise ValueError(f"domain {hv.domid} has {self.nr_vcpus} vCPUs; one ioreq page serves 1 to {abi.MAX_VCPUS_PER_PAGE}")
+            raise HypervisorError(f"domain {hv.domid} has {self.nr_vcpus} vCPUs; one ioreq page serves 1 to {abi.MAX_VCPUS_PER_PAGE}")
         self.server_id = hv.create_ioreq_server(buffered=False)
         self._pages = hv.map_ioreq_pages(self.server_id)
         self._page = self._pages.ioreq
@@ -250,6 +250,11 @@ class IoreqServer:
             result = await awaitable
         except Exception as exc:
             result = self._failed(vcpu, addr, size, is_read, exc)
+        except BaseException:
+            # Cancelled (the bridge is shutting down): the vCPU must not be
+            # left waiting in Xen for a slot nobody will complete.
+            self._complete(vcpu, port, is_read, size, abi.size_mask(size) if is_read else None)
+            raise
         self._complete(vcpu, port, is_read, size, result)
 
     def _complete(self, vcpu: int, port: int, is_read: bool, size: int, result: int | None) -> None:
