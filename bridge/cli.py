@@ -30,8 +30,9 @@ DEFAULT_IRQ = 33
 MIN_SPI, MAX_SPI = 32, 987
 EXIT_USER_ERROR = 1
 
-# What a user can get wrong, as opposed to a bug in the bridge.
-USER_ERRORS = (HypervisorError, VhostUserError, DeviceSetupError, OSError, ValueError)
+# What a user can get wrong (or the environment), as opposed to a bug in the
+# bridge, which keeps its traceback.
+USER_ERRORS = (HypervisorError, VhostUserError, DeviceSetupError, OSError)
 
 
 def _int(text: str) -> int:

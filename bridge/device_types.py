@@ -27,12 +27,9 @@ DEVICE_TYPES: dict[str, DeviceType] = {
     # struct virtio_blk_config up to write_zeroes_may_unmap: 60 bytes, the
     # size QEMU's vhost-user-blk front-end asks for.
     "blk": DeviceType("blk", virtio_id=2, config_size=60, default_num_queues=1),
-    # struct virtio_gpu_config: events_read, events_clear, num_scanouts, num_capsets.
-    "gpu": DeviceType("gpu", virtio_id=16, config_size=16, default_num_queues=2),
-    # virtiofsd offers no CONFIG; hiprio + one request queue.
-    "fs": DeviceType("fs", virtio_id=26, config_size=0, default_num_queues=2),
-    # struct virtio_net_config as far as mtu: mac, status, max_virtqueue_pairs, mtu.
-    "net": DeviceType("net", virtio_id=1, config_size=12, default_num_queues=2),
+    # gpu, fs and net join when the bridge serves them end to end (their
+    # display channel, the virtio-fs config the front-end supplies, net's
+    # queue pairs); until then the CLI does not offer them.
 }
 
 # Transport feature bits (virtio 1.2 section 6) the bridge lets through from

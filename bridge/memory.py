@@ -15,7 +15,7 @@ import mmap
 from collections.abc import Sequence
 
 from vhost_user.frontend import MemoryRegionFd
-from xen.hypervisor import GuestRamRegion
+from xen.hypervisor import GuestRamRegion, HypervisorError
 
 
 class OutsideGuestRam(ValueError):
@@ -25,7 +25,7 @@ class OutsideGuestRam(ValueError):
 class PassthroughMemory:
     def __init__(self, banks: Sequence[GuestRamRegion]) -> None:
         if not banks:
-            raise ValueError("passthrough memory needs at least one guest RAM bank")
+            raise HypervisorError("the hypervisor reported no guest RAM banks")
         self._maps: list[mmap.mmap] = []
         self.regions: list[MemoryRegionFd] = []
         try:
