@@ -246,3 +246,14 @@ async def test_daemon_death_sets_device_needs_reset_and_the_bridge_survives(bed)
         assert await transport.status() == 0
     assert "closed its vhost-user connection" in bed.bridge.output()
 
+
+
+def test_the_hypervisor_going_away_ends_the_bridge_with_a_clear_error(bed):
+    bridge = bed.bridge
+    bed.sim.stop()  # the event channel and control socket close under the bridge
+    bridge.proc.wait(10)
+    bed.bridge = None  # already gone; the fixture must not expect exit 0
+    assert bridge.proc.returncode == 1
+    last = bridge.output().strip().splitlines()[-1]
+    assert last.startswith("xen-vhost-bridge: error: ") and "simulator" in last, last
+    assert "Traceback" not in bridge.output()
