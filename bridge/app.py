@@ -17,7 +17,7 @@ import trio
 
 from bridge.device import VhostUserDevice
 from bridge.device_types import DeviceType
-from bridge.memory import PassthroughMemory
+from bridge.memory import GuestRamMap, PassthroughMemory, ShadowMemory
 from bridge.virtio_mmio import WINDOW_SIZE
 from xen.hypervisor import HypervisorError, open_hypervisor
 from xen.ioreq_server import IoreqServer, MmioRouter
@@ -35,19 +35,23 @@ class BridgeConfig:
     xen_sim: str | None = None
     queue_size: int = 256
     timeout: float = 5.0
+    memory: str = "auto"
+    arena_size: int = 64 << 20
 
 
 async def run_bridge(config: BridgeConfig, *, on_ready: Callable[[str], None] | None = None) -> None:
     """Serve until SIGINT or SIGTERM (or cancellation)."""
     hv = open_hypervisor(config.domid, config.xen_sim)
-    memory = None
+    ram = memory = None
     try:
         banks = hv.guest_ram()
         if banks is None:
-            raise HypervisorError(
-                "guest RAM is not a file on this hypervisor, and passthrough memory is the only memory model so far"
-            )
-        memory = PassthroughMemory(banks)
+            # Shadow mode would work here, given foreign mappings of guest
+            # RAM; the real-Xen back end does not make them yet.
+            raise HypervisorError("this hypervisor does not give the bridge a mapping of guest RAM")
+        ram = GuestRamMap(banks)
+        mode = "passthrough" if config.memory == "auto" else config.memory
+        memory = ShadowMemory(ram, config.arena_size) if mode == "shadow" else PassthroughMemory(ram)
         router = MmioRouter()
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
@@ -67,7 +71,8 @@ async def run_bridge(config: BridgeConfig, *, on_ready: Callable[[str], None] | 
                 end = config.mmio_base + WINDOW_SIZE - 1
                 message = (
                     f"serving virtio-{config.device_type.name} for domain {config.domid} at "
-                    f"{config.mmio_base:#x}-{end:#x}, irq {config.irq}, daemon {config.socket_path}"
+                    f"{config.mmio_base:#x}-{end:#x}, irq {config.irq}, daemon {config.socket_path}, "
+                    f"{memory.mode} memory"
                 )
                 log.info("%s", message)
                 if on_ready is not None:
@@ -79,4 +84,6 @@ async def run_bridge(config: BridgeConfig, *, on_ready: Callable[[str], None] | 
     finally:
         if memory is not None:
             memory.close()
+        if ram is not None:
+            ram.close()
         hv.close()

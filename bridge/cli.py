@@ -17,6 +17,7 @@ import trio
 from bridge.app import BridgeConfig, run_bridge
 from bridge.device import DeviceSetupError
 from bridge.device_types import DEVICE_TYPES
+from bridge.memory import MODES
 from bridge.split_ring import is_valid_queue_size
 from vhost_user.protocol import VhostUserError
 from xen.hypervisor import HypervisorError
@@ -80,6 +81,13 @@ def _timeout(text: str) -> float:
     return value
 
 
+def _mib(text: str) -> int:
+    value = _int(text)
+    if not 1 <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"{value} MiB is not between 1 and 4096")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -122,6 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="QueueNumMax the device reports for each virtqueue (default: 256)",
     )
     parser.add_argument(
+        "--memory",
+        choices=MODES,
+        default="auto",
+        help=(
+            "what the daemon's memory table holds: guest RAM itself (passthrough), or only a memfd arena "
+            "of in-flight buffers that the bridge copies in and out of guest RAM (shadow); auto picks "
+            "passthrough where guest RAM is a file, as in the simulator (default: auto)"
+        ),
+    )
+    parser.add_argument(
+        "--arena-mib",
+        type=_mib,
+        default=64,
+        metavar="N",
+        help="size of the shadow arena: the shadow rings and every buffer in flight (default: 64)",
+    )
+    parser.add_argument(
         "--timeout",
         type=_timeout,
         default=5.0,
@@ -147,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         xen_sim=args.xen_sim,
         queue_size=args.queue_size,
         timeout=args.timeout,
+        memory=args.memory,
+        arena_size=args.arena_mib << 20,
     )
 
     def ready(message: str) -> None:

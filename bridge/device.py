@@ -16,6 +16,11 @@ this object carries out the effects:
 - a config write -> SET_CONFIG; the daemon's CONFIG_CHANGE_MSG -> GET_CONFIG,
   a new ConfigGeneration and a config interrupt.
 
+With shadow memory (bridge.memory) a kick first moves the guest's new
+chains into the shadow ring in the arena, and a call first returns the
+daemon's completions to the guest's used ring; the interrupt and the kick
+then follow the guest's and the daemon's notification suppression.
+
 Anything the daemon gets wrong (it dies, it refuses, it times out) leaves the
 bridge running and the device in DEVICE_NEEDS_RESET with a config interrupt,
 the way virtio tells a driver that a device broke.
@@ -30,8 +35,17 @@ from collections.abc import Sequence
 import trio
 
 from bridge import split_ring
-from bridge.device_types import VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, DeviceType, guest_features
-from bridge.memory import OutsideGuestRam, PassthroughMemory
+from bridge.device_types import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_IN_ORDER,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_RING_PACKED,
+    VIRTIO_F_VERSION_1,
+    DeviceType,
+    guest_features,
+)
+from bridge.memory import OutsideGuestRam, PassthroughMemory, ShadowMemory
+from bridge.shadow_ring import DaemonRingError, GuestRing, RingError, ShadowVirtqueue
 from bridge.virtio_mmio import (
     INT_CONFIG,
     INT_VRING,
@@ -55,6 +69,9 @@ VENDOR_ID = int.from_bytes(b"XVHB", "little")
 
 _EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
 
+# Shadow rings are split rings whose chains complete in any order.
+SHADOW_UNSUPPORTED_FEATURES = (1 << VIRTIO_F_RING_PACKED) | (1 << VIRTIO_F_IN_ORDER)
+
 
 class DeviceSetupError(Exception):
     """The daemon cannot back this device (one clear sentence why)."""
@@ -68,7 +85,7 @@ class VhostUserDevice:
         device_type: DeviceType,
         socket_path: str,
         irq: int,
-        memory: PassthroughMemory,
+        memory: PassthroughMemory | ShadowMemory,
         queue_size: int = 256,
         timeout: float = 5.0,
     ) -> None:
@@ -88,6 +105,9 @@ class VhostUserDevice:
         # Per started ring: index -> (kick fd, call fd). Kicks index a list.
         self._rings: dict[int, tuple[int, int]] = {}
         self._kick_fds: list[int] = []
+        # Shadow memory only: index -> that ring's shadow virtqueue.
+        self._shadow: dict[int, ShadowVirtqueue] = {}
+        self._shadow_by_ring: list[ShadowVirtqueue | None] = []
 
     # --- life of the device --------------------------------------------
 
@@ -129,6 +149,8 @@ class VhostUserDevice:
 
     def _build_model(self, frontend: VhostUserFrontend) -> VirtioMmioModel:
         features = guest_features(frontend.device_features)
+        if self.memory.mode == "shadow":
+            features &= ~SHADOW_UNSUPPORTED_FEATURES
         if not features >> VIRTIO_F_VERSION_1 & 1:
             raise DeviceSetupError(
                 f"the daemon at {self.socket_path} does not offer VIRTIO_F_VERSION_1, which virtio-mmio version 2 requires"
@@ -167,10 +189,54 @@ class VhostUserDevice:
         return None
 
     def _kick(self, queue: int) -> None:
+        if self._shadow_by_ring:
+            self._shadow_kick(queue)
+            return
         try:
             os.eventfd_write(self._kick_fds[queue], 1)
         except (IndexError, OSError):
             pass  # that ring is not started (its start failed): nothing to kick
+
+    def _shadow_kick(self, queue: int) -> None:
+        """The guest kicked a shadowed queue: move its new chains to the
+        shadow ring, and kick the daemon if it wants to be."""
+        try:
+            shadow = self._shadow_by_ring[queue]
+        except IndexError:
+            return
+        if shadow is None:
+            return
+        try:
+            wanted = shadow.guest_kicked()
+        except RingError as exc:
+            self._fail(f"the guest broke queue {queue}: {exc}")
+            return
+        if wanted:
+            os.eventfd_write(self._kick_fds[queue], 1)
+
+    def _shadow_call(self, queue: int) -> None:
+        """The daemon signalled a shadowed queue: return its completions to
+        the guest, then publish chains that waited for arena space (on every
+        queue: they share the arena)."""
+        shadow = self._shadow_by_ring[queue] if 0 <= queue < len(self._shadow_by_ring) else None
+        if shadow is None:
+            return
+        try:
+            wanted = shadow.daemon_called()
+        except DaemonRingError as exc:
+            self._fail(f"the daemon broke shadow queue {queue}: {exc}")
+            return
+        except RingError as exc:
+            self.raise_interrupt(INT_VRING)  # the completions before the error were returned
+            self._fail(f"the guest broke queue {queue}: {exc}")
+            return
+        if wanted:
+            self.raise_interrupt(INT_VRING)
+        if shadow.kick_prepare():
+            os.eventfd_write(self._kick_fds[queue], 1)
+        for other, waiting in self._shadow.items():
+            if other != queue and waiting.waiting:
+                self._shadow_kick(other)
 
     # --- interrupts ------------------------------------------------------
 
@@ -214,23 +280,16 @@ class VhostUserDevice:
                             await self._stop_queue(effect.queue)
                         elif kind is QueueEnable:
                             await self._start_queue(effect.queue)
-                except (VhostUserError, OutsideGuestRam, OSError) as exc:
+                except (VhostUserError, OutsideGuestRam, RingError, OSError) as exc:
                     self._fail(f"{type(effect).__name__}: {exc}")
                 except trio.TooSlowError:
                     self._fail(f"{type(effect).__name__}: the daemon did not answer in time")
 
     def _ring_setup(self, index: int) -> RingSetup:
-        q = self.model.queues[index]
-        if self.model.driver_features >> VIRTIO_F_RING_PACKED & 1:
-            desc_len, driver_len, device_len = 16 * q.num, 4, 4
+        if self.memory.mode == "shadow":
+            desc, avail, used = self._shadow_ring_setup(index)
         else:
-            desc_len = split_ring.desc_table_size(q.num)
-            driver_len = split_ring.avail_ring_size(q.num)
-            device_len = split_ring.used_ring_size(q.num)
-        mem = self.memory
-        desc = mem.gpa_to_user(q.desc, desc_len)
-        avail = mem.gpa_to_user(q.driver, driver_len)
-        used = mem.gpa_to_user(q.device, device_len)
+            desc, avail, used = self._passthrough_ring_setup(index)
         kick = os.eventfd(0, _EFD_FLAGS)
         try:
             call = os.eventfd(0, _EFD_FLAGS)
@@ -239,7 +298,52 @@ class VhostUserDevice:
             raise
         self._rings[index] = (kick, call)
         return RingSetup(
-            index=index, num=q.num, base=0, desc_addr=desc, avail_addr=avail, used_addr=used, kick_fd=kick, call_fd=call
+            index=index,
+            num=self.model.queues[index].num,
+            base=0,
+            desc_addr=desc,
+            avail_addr=avail,
+            used_addr=used,
+            kick_fd=kick,
+            call_fd=call,
+        )
+
+    def _shadow_ring_setup(self, index: int) -> tuple[int, int, int]:
+        """A shadow virtqueue for the guest's ring; the daemon gets its
+        shadow ring in the arena."""
+        q = self.model.queues[index]
+        features = self.model.driver_features
+        shadow = ShadowVirtqueue(
+            guest=self.memory.ram,
+            ring=GuestRing(num=q.num, desc=q.desc, avail=q.driver, used=q.device),
+            arena=self.memory.arena,
+            arena_gpa=self.memory.regions[0].gpa,
+            event_idx=bool(features >> VIRTIO_F_EVENT_IDX & 1),
+            indirect=bool(features >> VIRTIO_F_INDIRECT_DESC & 1),
+        )
+        self._shadow[index] = shadow
+        base = self.memory.arena_user_addr
+        return (
+            base + shadow.shadow_desc_offset,
+            base + shadow.shadow_avail_offset,
+            base + shadow.shadow_used_offset,
+        )
+
+    def _passthrough_ring_setup(self, index: int) -> tuple[int, int, int]:
+        """The daemon reads the guest's own ring, at the bridge's user
+        addresses of it."""
+        q = self.model.queues[index]
+        if self.model.driver_features >> VIRTIO_F_RING_PACKED & 1:
+            desc_len, driver_len, device_len = 16 * q.num, 4, 4
+        else:
+            desc_len = split_ring.desc_table_size(q.num)
+            driver_len = split_ring.avail_ring_size(q.num)
+            device_len = split_ring.used_ring_size(q.num)
+        ram = self.memory.ram
+        return (
+            ram.gpa_to_user(q.desc, desc_len),
+            ram.gpa_to_user(q.driver, driver_len),
+            ram.gpa_to_user(q.device, device_len),
         )
 
     def _publish_kicks(self) -> None:
@@ -247,6 +351,10 @@ class VhostUserDevice:
         for index, (kick, _call) in self._rings.items():
             kicks[index] = kick
         self._kick_fds = kicks
+        if self._shadow:
+            self._shadow_by_ring = [self._shadow.get(i) for i in range(len(kicks))]
+        else:
+            self._shadow_by_ring = []
 
     async def _start(self) -> None:
         if self.failed is not None:
@@ -266,6 +374,7 @@ class VhostUserDevice:
         """The guest reset the device: stop every ring in the daemon."""
         started = sorted(self._rings)
         self._kick_fds = []
+        self._shadow_by_ring = []
         try:
             if started and self.failed is None:
                 bases = await self.frontend.stop(started)
@@ -296,7 +405,10 @@ class VhostUserDevice:
                     os.eventfd_read(call_fd)
                 except BlockingIOError:
                     continue
-                self.raise_interrupt(INT_VRING)
+                if self._shadow_by_ring:
+                    self._shadow_call(index)
+                else:
+                    self.raise_interrupt(INT_VRING)
         except (trio.ClosedResourceError, OSError):
             return  # the ring was stopped and its fds closed
 
@@ -305,11 +417,22 @@ class VhostUserDevice:
         for fd in (kick, call):
             trio.lowlevel.notify_closing(fd)
             os.close(fd)
+        shadow = self._shadow.pop(index, None)
+        if shadow is not None:
+            if shadow.in_flight:
+                log.info("virtio-%s queue %d: %d requests were in flight when it stopped", self.type.name, index,
+                         shadow.in_flight)
+            shadow.close()  # frees its arena buffers and shadow ring
 
     def _close_rings(self) -> None:
         self._kick_fds = []
+        self._shadow_by_ring = []
         for index in list(self._rings):
             self._close_ring(index)
+        # A ring whose set-up failed half-way may have a shadow queue only.
+        for shadow in self._shadow.values():
+            shadow.close()
+        self._shadow.clear()
 
     # --- the daemon's requests (BackendHandler) -------------------------
 
@@ -325,7 +448,10 @@ class VhostUserDevice:
             self.raise_interrupt(INT_CONFIG)
 
     def vring_call(self, index: int) -> None:
-        self.raise_interrupt(INT_VRING)
+        if self._shadow_by_ring:
+            self._shadow_call(index)
+        else:
+            self.raise_interrupt(INT_VRING)
 
     def vring_err(self, index: int) -> None:
         self._fail(f"the daemon reported an error on ring {index}")

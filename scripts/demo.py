@@ -39,6 +39,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=32, help="requests in flight at once (default: 32)")
     p.add_argument("--image-mib", type=int, default=64, help="size of the temporary disk image (default: 64)")
     p.add_argument("--vcpus", type=int, default=2, help="guest vCPUs issuing requests (default: 2)")
+    p.add_argument(
+        "--memory",
+        choices=("passthrough", "shadow"),
+        default="passthrough",
+        help="the bridge's memory model: the daemon maps guest RAM, or only an arena of in-flight buffers "
+        "(default: passthrough)",
+    )
+    p.add_argument("--arena-mib", type=int, default=64, help="shadow arena size in MiB (default: 64)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a new one, printed)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the guest's drivers do")
     args = p.parse_args(argv)
@@ -79,10 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="xen-vhost-bridge-demo-") as work:
         print(f"demo: seed {args.seed}; starting qemu-storage-daemon on a {args.image_mib} MiB image, xen-sim, xen-vhost-bridge")
         try:
-            with BlkTestbed(work, image_size=image_size, vcpus=args.vcpus) as bed:
+            bridge_flags = ["--memory", args.memory, "--arena-mib", str(args.arena_mib)]
+            with BlkTestbed(work, image_size=image_size, vcpus=args.vcpus, bridge_extra=bridge_flags) as bed:
                 print(
                     f"demo: domU {bed.domid} ({bed.vcpus} vCPUs) -> virtio-mmio {bed.mmio_base:#x} irq {bed.irq} "
-                    f"-> bridge (pid {bed.bridge.pid}) -> qemu-storage-daemon (pid {bed.daemon.pid}) -> {bed.image}"
+                    f"-> bridge (pid {bed.bridge.pid}, {args.memory} memory) -> qemu-storage-daemon "
+                    f"(pid {bed.daemon.pid}) -> {bed.image}"
                 )
                 info, result, mirror = trio.run(guest_program, bed, args)
                 compare_image(bed.image, mirror, result)

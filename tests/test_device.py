@@ -14,7 +14,7 @@ import trio.testing
 from bridge import virtio_mmio as vm
 from bridge.device import VhostUserDevice
 from bridge.device_types import DEVICE_TYPES
-from bridge.memory import PassthroughMemory
+from bridge.memory import GuestRamMap, PassthroughMemory
 from vhost_user.protocol import ConnectionLost
 from xen.hypervisor import GuestRamRegion
 
@@ -59,9 +59,9 @@ class StandInFrontend:
 def ram():
     fd = os.memfd_create("guest-ram")
     os.ftruncate(fd, 1 << 20)
-    memory = PassthroughMemory([GuestRamRegion(gpa=RAM_BASE, size=1 << 20, fd=fd)])
-    yield memory
-    memory.close()
+    ram = GuestRamMap([GuestRamRegion(gpa=RAM_BASE, size=1 << 20, fd=fd)])
+    yield PassthroughMemory(ram)
+    ram.close()
     os.close(fd)
 
 

@@ -16,6 +16,7 @@ import tempfile
 import pytest
 import trio
 
+from bridge.arena import ARENA_NAME
 from bridge.blk_workload import SECTOR, WorkloadResult, compare_image, run_blk_workload
 from bridge.daemons import start_qemu_storage_daemon
 from bridge.device import VENDOR_ID
@@ -47,9 +48,15 @@ def workdir():
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(params=["passthrough", "shadow"])
+def memory(request):
+    """Every test with a testbed runs in both memory models."""
+    return request.param
+
+
 @pytest.fixture
-def bed(workdir):
-    testbed = BlkTestbed(workdir, image_size=IMAGE_SIZE, vcpus=2).start()
+def bed(workdir, memory):
+    testbed = BlkTestbed(workdir, image_size=IMAGE_SIZE, vcpus=2, bridge_extra=["--memory", memory]).start()
     yield testbed
     bridge = testbed.bridge
     testbed.stop()
@@ -257,3 +264,44 @@ def test_the_hypervisor_going_away_ends_the_bridge_with_a_clear_error(bed):
     last = bridge.output().strip().splitlines()[-1]
     assert last.startswith("xen-vhost-bridge: error: ") and "simulator" in last, last
     assert "Traceback" not in bridge.output()
+
+
+def daemon_mappings(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as f:
+        return f.read()
+
+
+async def test_the_daemon_maps_only_what_the_memory_model_gives_it(bed, memory):
+    """Passthrough hands the daemon guest RAM; shadow hands it the arena
+    and nothing of the guest, which the daemon's own mappings show."""
+    async with SimGuest.open(bed.control) as guest:
+        _transport, blk = await open_blk(guest, bed)
+        await blk.write(0, b"\x42" * 4096)  # the rings are started and in use
+        maps = daemon_mappings(bed.daemon.pid)
+    guest_ram = f"xen-sim domain {bed.domid} RAM"
+    if memory == "shadow":
+        assert guest_ram not in maps
+        assert ARENA_NAME in maps
+    else:
+        assert guest_ram in maps
+        assert ARENA_NAME not in maps
+
+
+@pytest.mark.parametrize("memory", ["shadow"])
+async def test_100_requests_in_flight_through_an_arena_smaller_than_their_sum(workdir, memory):
+    """1 MiB of arena for 100 writes of 64 KiB: requests wait in the guest's
+    ring until completions free arena space, and all of them land."""
+    rng = random.Random(100)
+    blocks = {i * 256: rng.randbytes(64 * 1024) for i in range(100)}  # 128 KiB apart
+    with BlkTestbed(workdir, image_size=IMAGE_SIZE, bridge_extra=["--memory", "shadow", "--arena-mib", "1"]) as bed:
+        async with SimGuest.open(bed.control) as guest:
+            _transport, blk = await open_blk(guest, bed, queue_size=256)
+            async with trio.open_nursery() as nursery:
+                for sector, data in blocks.items():
+                    nursery.start_soon(blk.write, sector, data)
+            assert blk.queues[0].peak_in_flight == 100
+            await blk.flush()
+        with open(bed.image, "rb") as f:
+            for sector, data in blocks.items():
+                f.seek(sector * SECTOR)
+                assert f.read(len(data)) == data
