@@ -376,9 +376,17 @@ class VhostUserDevice:
         self._kick_fds = []
         self._shadow_by_ring = []
         try:
-            if started and self.failed is None:
-                bases = await self.frontend.stop(started)
-                log.info("virtio-%s stopped; ring bases %s", self.type.name, bases)
+            # Stop the daemon's rings whatever broke: after a guest's broken
+            # ring the daemon is fine and its rings still run; after the
+            # daemon's death this fails at once.
+            if started:
+                try:
+                    bases = await self.frontend.stop(started)
+                    log.info("virtio-%s stopped; ring bases %s", self.type.name, bases)
+                except VhostUserError as exc:
+                    if self.failed is None:
+                        raise
+                    log.info("virtio-%s: the daemon's rings were not stopped: %s", self.type.name, exc)
         finally:
             self._close_rings()
             self.failed = None  # a reset is how a guest recovers a broken device

@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -305,3 +306,33 @@ async def test_100_requests_in_flight_through_an_arena_smaller_than_their_sum(wo
             for sector, data in blocks.items():
                 f.seek(sector * SECTOR)
                 assert f.read(len(data)) == data
+
+
+@pytest.mark.parametrize("memory", ["shadow"])
+async def test_a_chain_outside_guest_ram_sets_needs_reset_and_touches_nothing(bed, memory):
+    """A hostile guest puts a descriptor outside its RAM on the ring: the
+    bridge refuses the chain (it never reaches the daemon), reports
+    DEVICE_NEEDS_RESET with a config interrupt, keeps running, and the
+    device works again after a reset."""
+    async with SimGuest.open(bed.control) as guest:
+        transport, blk = await open_blk(guest, bed)
+        await blk.write(0, b"\x01" * 4096)
+        seen = transport.config_changes
+        vq = blk.queues[0]
+        buffer = guest.ram.base + guest.ram.size - 4096
+        chain = await vq.add([(buffer, 512)], [])  # one direct descriptor...
+        bad = 0x1000  # ...which the guest then points below its RAM
+        guest.ram.write(vq.desc_gpa + 16 * chain.head, struct.pack("<Q", bad))
+        await vq.kick()
+        with trio.fail_after(10):
+            await transport.wait_config_change(seen)
+        assert await transport.needs_reset()
+        assert bed.bridge.alive()
+        # the daemon's ring was still running (only the guest misbehaved):
+        # the reset must stop it, or the next start is refused and I/O hangs
+        with trio.fail_after(20):
+            await transport.reset()
+            _transport, blk = await open_blk(guest, bed)
+            await blk.write(8, b"\x02" * 4096)
+            assert await blk.read(0, 8192) == b"\x01" * 4096 + b"\x02" * 4096
+    assert "outside guest RAM" in bed.bridge.output()
