@@ -23,9 +23,10 @@ allocated per call besides Python ints.
 
 from __future__ import annotations
 
-import bisect
 import mmap
 import os
+
+from bridge.free_ranges import FreeRanges, align_up
 
 ARENA_NAME = "xen-vhost-bridge-arena"
 
@@ -33,10 +34,6 @@ ARENA_NAME = "xen-vhost-bridge-arena"
 class ArenaFull(MemoryError):
     """A reservation that does not fit in the arena (a configuration error:
     the arena is too small for the shadow rings)."""
-
-
-def _align_up(value: int, align: int) -> int:
-    return (value + align - 1) & ~(align - 1)
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -70,10 +67,7 @@ class Arena:
         self.buf = memoryview(self._mmap)
         """The whole arena, writable (``struct.pack_into`` and slicing work on it)."""
         self.closed = False
-        # Free ranges [start, end), sorted by start, never adjacent.
-        self._free_starts: list[int] = [0]
-        self._free_ends: list[int] = [size]
-        self._free_total = size
+        self._free = FreeRanges(0, size)
         self._allocated: dict[int, int] = {}  # offset -> rounded size, buffers
         self._reserved: dict[int, int] = {}  # offset -> rounded size, rings
         self._max_alloc = size
@@ -99,12 +93,12 @@ class Arena:
 
     @property
     def free_bytes(self) -> int:
-        return self._free_total
+        return self._free.total
 
     @property
     def largest_free(self) -> int:
         """The largest buffer :meth:`alloc` could return right now."""
-        return max((e - s for s, e in zip(self._free_starts, self._free_ends)), default=0)
+        return self._free.largest()
 
     @property
     def max_alloc(self) -> int:
@@ -129,7 +123,7 @@ class Arena:
     def _rounded(self, size: int) -> int:
         """Granules taken by ``size`` bytes; a zero-byte buffer still takes
         one granule, so every allocation has its own offset."""
-        return _align_up(max(size, 1), self.align)
+        return align_up(max(size, 1), self.align)
 
     # -- buffers ------------------------------------------------------------
 
@@ -139,7 +133,7 @@ class Arena:
         if size < 0:
             raise ValueError(f"negative allocation size {size}")
         rounded = self._rounded(size)
-        offset = self._take(rounded, self.align)
+        offset = self._free.take_first_fit(rounded, self.align)
         if offset is not None:
             self._allocated[offset] = rounded
         return offset
@@ -149,7 +143,7 @@ class Arena:
         size = self._allocated.pop(offset, None)
         if size is None:
             raise ValueError(f"arena offset {offset:#x} is not an allocated buffer")
-        self._give(offset, size)
+        self._free.give(offset, size)
 
     # -- reservations -------------------------------------------------------
 
@@ -164,10 +158,10 @@ class Arena:
         if size <= 0:
             raise ValueError(f"reservation size must be positive, not {size}")
         rounded = self._rounded(size)
-        offset = self._take(rounded, want)
+        offset = self._free.take_first_fit(rounded, want)
         if offset is None:
             raise ArenaFull(f"no room for a {size}-byte reservation in the {self.size}-byte arena "
-                            f"({self._free_total} bytes free, largest free range {self.largest_free})")
+                            f"({self._free.total} bytes free, largest free range {self.largest_free})")
         self._reserved[offset] = rounded
         self._recompute_max_alloc()
         return offset
@@ -177,7 +171,7 @@ class Arena:
         size = self._reserved.pop(offset, None)
         if size is None:
             raise ValueError(f"arena offset {offset:#x} is not a reservation")
-        self._give(offset, size)
+        self._free.give(offset, size)
         self._recompute_max_alloc()
 
     def _recompute_max_alloc(self) -> None:
@@ -188,51 +182,6 @@ class Arena:
             cursor = offset + self._reserved[offset]
         self._max_alloc = max(best, self.size - cursor)
 
-    # -- free list ----------------------------------------------------------
-
-    def _take(self, size: int, align: int) -> int | None:
-        starts, ends = self._free_starts, self._free_ends
-        for i in range(len(starts)):
-            start, end = starts[i], ends[i]
-            offset = _align_up(start, align)
-            if offset + size > end:
-                continue
-            # Split [start, end) into [start, offset) + used + [offset+size, end).
-            tail = offset + size
-            if offset == start and tail == end:
-                del starts[i]
-                del ends[i]
-            elif offset == start:
-                starts[i] = tail
-            elif tail == end:
-                ends[i] = offset
-            else:
-                ends[i] = offset
-                starts.insert(i + 1, tail)
-                ends.insert(i + 1, end)
-            self._free_total -= size
-            return offset
-        return None
-
-    def _give(self, offset: int, size: int) -> None:
-        starts, ends = self._free_starts, self._free_ends
-        end = offset + size
-        i = bisect.bisect_left(starts, offset)
-        merge_left = i > 0 and ends[i - 1] == offset
-        merge_right = i < len(starts) and starts[i] == end
-        if merge_left and merge_right:
-            ends[i - 1] = ends[i]
-            del starts[i]
-            del ends[i]
-        elif merge_left:
-            ends[i - 1] = end
-        elif merge_right:
-            starts[i] = offset
-        else:
-            starts.insert(i, offset)
-            ends.insert(i, end)
-        self._free_total += size
-
     def __repr__(self) -> str:
-        return (f"<Arena fd={self.fd if not self.closed else 'closed'} size={self.size} free={self._free_total} "
+        return (f"<Arena fd={self.fd if not self.closed else 'closed'} size={self.size} free={self._free.total} "
                 f"buffers={len(self._allocated)} reservations={len(self._reserved)}>")

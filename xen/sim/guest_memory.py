@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import bisect
 
+from bridge.free_ranges import FreeRanges, align_up
+
 GRANULE = 16
 """Allocation unit and minimum alignment, in bytes."""
 
@@ -27,10 +29,6 @@ computed as 'offset 0 of RAM' by mistake never points at live driver data."""
 
 class GuestMemoryExhausted(MemoryError):
     """No free range of guest RAM is large enough for the request."""
-
-
-def _align_up(value: int, align: int) -> int:
-    return (value + align - 1) & ~(align - 1)
 
 
 class GuestAllocator:
@@ -48,13 +46,11 @@ class GuestAllocator:
             raise ValueError(f"reserve_low {reserve_low:#x} does not leave any of the {ram_size:#x}-byte bank")
         self.ram_base = ram_base
         self.ram_size = ram_size
-        start = _align_up(ram_base + reserve_low, GRANULE)
+        start = align_up(ram_base + reserve_low, GRANULE)
         end = (ram_base + ram_size) & ~(GRANULE - 1)
         if end <= start:
             raise ValueError("guest RAM bank too small to allocate from")
-        # Free ranges [start, end), sorted by start, never adjacent (coalesced).
-        self._free_starts: list[int] = [start]
-        self._free_ends: list[int] = [end]
+        self._free = FreeRanges(start, end)
         self._allocated: dict[int, int] = {}
         self._allocated_bytes = 0
         self._capacity = end - start
@@ -72,11 +68,11 @@ class GuestAllocator:
 
     @property
     def free_bytes(self) -> int:
-        return sum(e - s for s, e in zip(self._free_starts, self._free_ends))
+        return self._free.total
 
     @property
     def largest_free(self) -> int:
-        return max((e - s for s, e in zip(self._free_starts, self._free_ends)), default=0)
+        return self._free.largest()
 
     @property
     def allocation_count(self) -> int:
@@ -84,7 +80,7 @@ class GuestAllocator:
 
     @property
     def free_fragments(self) -> int:
-        return len(self._free_starts)
+        return len(self._free)
 
     def size_of(self, gpa: int) -> int:
         """The (rounded) size of the live allocation starting at ``gpa``."""
@@ -106,21 +102,17 @@ class GuestAllocator:
         if align <= 0 or align & (align - 1):
             raise ValueError(f"alignment must be a power of two, not {align}")
         align = max(align, GRANULE)
-        size = _align_up(size, GRANULE)
-        starts, ends = self._free_starts, self._free_ends
-        for i, (start, end) in enumerate(zip(starts, ends)):
-            gpa = _align_up(start, align)
-            if gpa + size > end:
-                continue
-            self._carve(i, gpa, gpa + size)
-            self._allocated[gpa] = size
-            self._allocated_bytes += size
-            return gpa
-        raise GuestMemoryExhausted(
-            f"guest RAM exhausted: no {size:#x}-byte range aligned to {align:#x} "
-            f"({self.free_bytes:#x} bytes free in {len(starts)} fragments, largest {self.largest_free:#x}, "
-            f"{len(self._allocated)} live allocations)"
-        )
+        size = align_up(size, GRANULE)
+        gpa = self._free.take_first_fit(size, align)
+        if gpa is None:
+            raise GuestMemoryExhausted(
+                f"guest RAM exhausted: no {size:#x}-byte range aligned to {align:#x} "
+                f"({self.free_bytes:#x} bytes free in {len(self._free)} fragments, largest {self.largest_free:#x}, "
+                f"{len(self._allocated)} live allocations)"
+            )
+        self._allocated[gpa] = size
+        self._allocated_bytes += size
+        return gpa
 
     def reserve(self, gpa: int, size: int) -> None:
         """Take the exact range [gpa, gpa + size) out of the free list (for
@@ -128,10 +120,8 @@ class GuestAllocator:
         ``gpa`` and ``size`` must be multiples of GRANULE."""
         if size <= 0 or gpa % GRANULE or size % GRANULE:
             raise ValueError(f"reserve needs a positive, {GRANULE}-byte aligned range, not {gpa:#x}+{size:#x}")
-        i = bisect.bisect_right(self._free_starts, gpa) - 1
-        if i < 0 or gpa + size > self._free_ends[i]:
+        if not self._free.take_exact(gpa, size):
             raise ValueError(f"range {gpa:#x}+{size:#x} is not free")
-        self._carve(i, gpa, gpa + size)
         self._allocated[gpa] = size
         self._allocated_bytes += size
 
@@ -142,50 +132,14 @@ class GuestAllocator:
         except KeyError:
             raise ValueError(f"free of {gpa:#x}: not a live allocation (double free or foreign address)") from None
         self._allocated_bytes -= size
-        start, end = gpa, gpa + size
-        starts, ends = self._free_starts, self._free_ends
-        i = bisect.bisect_left(starts, start)
-        merge_prev = i > 0 and ends[i - 1] == start
-        merge_next = i < len(starts) and starts[i] == end
-        if merge_prev and merge_next:
-            ends[i - 1] = ends[i]
-            del starts[i]
-            del ends[i]
-        elif merge_prev:
-            ends[i - 1] = end
-        elif merge_next:
-            starts[i] = start
-        else:
-            starts.insert(i, start)
-            ends.insert(i, end)
-
-    def _carve(self, i: int, lo: int, hi: int) -> None:
-        """Remove [lo, hi) from free range i, keeping what is left either side."""
-        starts, ends = self._free_starts, self._free_ends
-        start, end = starts[i], ends[i]
-        if lo == start and hi == end:
-            del starts[i]
-            del ends[i]
-        elif lo == start:
-            starts[i] = hi
-        elif hi == end:
-            ends[i] = lo
-        else:
-            ends[i] = lo
-            starts.insert(i + 1, hi)
-            ends.insert(i + 1, end)
+        self._free.give(gpa, size)
 
     def check_consistency(self) -> None:
         """Assert the free list invariants (sorted, disjoint, coalesced, no
         overlap with live allocations); for tests."""
-        starts, ends = self._free_starts, self._free_ends
-        for i, (s, e) in enumerate(zip(starts, ends)):
-            if not s < e:
-                raise AssertionError(f"empty free range {s:#x}-{e:#x}")
-            if i and not ends[i - 1] < s:
-                raise AssertionError(f"free ranges overlap or touch at {s:#x}")
-        total = sum(e - s for s, e in zip(starts, ends))
-        if total + self._allocated_bytes != self._capacity:
+        self._free.check()
+        starts, ends = self._free.starts, self._free.ends
+        if self._free.total + self._allocated_bytes != self._capacity:
             raise AssertionError("free and allocated bytes do not add up to the capacity")
         for gpa, size in self._allocated.items():
             i = bisect.bisect_right(starts, gpa) - 1
