@@ -71,6 +71,21 @@ async def open_blk(guest: SimGuest, bed: BlkTestbed, **kwargs) -> tuple[VirtioMm
     return transport, await VirtioBlkDriver.open(transport, **kwargs)
 
 
+async def write_all(blk, blocks: dict[int, bytes]) -> None:
+    """Write every {sector: data} block, all in flight at once."""
+    async with trio.open_nursery() as nursery:
+        for sector, data in blocks.items():
+            nursery.start_soon(blk.write, sector, data)
+
+
+def assert_on_image(image: str, blocks: dict[int, bytes]) -> None:
+    """The image file holds every {sector: data} block."""
+    with open(image, "rb") as f:
+        for sector, data in blocks.items():
+            f.seek(sector * SECTOR)
+            assert f.read(len(data)) == data, f"sector {sector}"
+
+
 async def test_negotiation_and_identity(bed):
     async with SimGuest.open(bed.control) as guest:
         transport, blk = await open_blk(guest, bed)
@@ -110,9 +125,7 @@ async def test_32_requests_in_flight_complete_and_land(bed):
     blocks = {s * 8: rng.randbytes(4096) for s in sectors}
     async with SimGuest.open(bed.control) as guest:
         transport, blk = await open_blk(guest, bed, queue_size=256)
-        async with trio.open_nursery() as nursery:
-            for sector, data in blocks.items():
-                nursery.start_soon(blk.write, sector, data)
+        await write_all(blk, blocks)
         assert blk.queues[0].peak_in_flight == 32
         await blk.flush()
         assert transport.interrupts_handled >= 1
@@ -125,10 +138,7 @@ async def test_32_requests_in_flight_complete_and_land(bed):
             for sector in blocks:
                 nursery.start_soon(read, sector)
     assert got == blocks
-    with open(bed.image, "rb") as f:
-        for sector, data in blocks.items():
-            f.seek(sector * SECTOR)
-            assert f.read(4096) == data
+    assert_on_image(bed.image, blocks)
 
 
 async def test_flush_reaches_the_daemon(bed):
@@ -137,9 +147,7 @@ async def test_flush_reaches_the_daemon(bed):
         assert blk.has_flush
         await blk.write(8, b"\xa5" * 4096)
         await blk.flush()  # raises BlkIoError unless the daemon answers VIRTIO_BLK_S_OK
-    with open(bed.image, "rb") as f:
-        f.seek(8 * SECTOR)
-        assert f.read(4096) == b"\xa5" * 4096
+    assert_on_image(bed.image, {8: b"\xa5" * 4096})
 
 
 async def test_guest_reset_and_reinitialisation(bed):
@@ -297,15 +305,10 @@ async def test_100_requests_in_flight_through_an_arena_smaller_than_their_sum(wo
     with BlkTestbed(workdir, image_size=IMAGE_SIZE, bridge_extra=["--memory", "shadow", "--arena-mib", "1"]) as bed:
         async with SimGuest.open(bed.control) as guest:
             _transport, blk = await open_blk(guest, bed, queue_size=256)
-            async with trio.open_nursery() as nursery:
-                for sector, data in blocks.items():
-                    nursery.start_soon(blk.write, sector, data)
+            await write_all(blk, blocks)
             assert blk.queues[0].peak_in_flight == 100
             await blk.flush()
-        with open(bed.image, "rb") as f:
-            for sector, data in blocks.items():
-                f.seek(sector * SECTOR)
-                assert f.read(len(data)) == data
+        assert_on_image(bed.image, blocks)
 
 
 @pytest.mark.parametrize("memory", ["shadow"])
