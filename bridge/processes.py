@@ -75,9 +75,6 @@ class Child:
     def wait_for_output(self, text: str, timeout: float = 10.0) -> None:
         self.wait_for(lambda: text in self.output(), f"printing {text!r}", timeout)
 
-    def wait_for_socket(self, path: str, timeout: float = 10.0) -> None:
-        self.wait_for(lambda: os.path.exists(path), f"creating {path}", timeout)
-
     def stop(self, grace: float = 5.0) -> int | None:
         """Stop the child by PID and reap it; returns its exit status."""
         if self.alive():
