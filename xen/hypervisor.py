@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
+from xen.xenstore import XenStore
+
 
 class HypervisorError(Exception):
     """A hypervisor call failed (the message says which and why)."""
@@ -22,6 +24,23 @@ class HypervisorError(Exception):
 
 class HypervisorUnavailable(HypervisorError):
     """There is no hypervisor to talk to (no Xen, no simulator socket)."""
+
+
+class FastPathUnsupported(HypervisorError):
+    """The kernel does not offer IOCTL_PRIVCMD_IOEVENTFD / IOCTL_PRIVCMD_IRQFD
+    (Linux before 6.7, or built without CONFIG_XEN_PRIVCMD_EVENTFD). Kicks
+    and interrupts are then relayed in userspace."""
+
+
+class GuestMemoryFault(HypervisorError):
+    """A guest page (or grant reference) that cannot be mapped: not RAM of
+    the guest, ballooned out, or a grant the guest did not give."""
+
+
+XEN_PAGE_SHIFT = 12
+XEN_PAGE_SIZE = 1 << XEN_PAGE_SHIFT
+"""Xen's page: the unit of foreign mappings and grants, whatever the dom0
+kernel's own page size."""
 
 
 @attrs.frozen(slots=True)
@@ -48,6 +67,17 @@ class IoreqPages:
     """``struct ioreq vcpu_ioreq[]``: one 32-byte slot per vCPU."""
     buffered: mmap.mmap | None = None
     """The buffered-ioreq ring page, when the server was created with one."""
+
+
+class GuestMapping(abc.ABC):
+    """Some pages of the guest mapped into this process, read-write."""
+
+    view: memoryview
+    """The mapped bytes: ``count * XEN_PAGE_SIZE`` of them."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Unmap. Idempotent; ``view`` must not be used afterwards."""
 
 
 class EventChannel(abc.ABC):
@@ -122,10 +152,55 @@ class Hypervisor(abc.ABC):
     @abc.abstractmethod
     def open_event_channel(self) -> EventChannel: ...
 
+    # --- guest memory
+
+    @abc.abstractmethod
+    def guest_ram_layout(self) -> Sequence[tuple[int, int]]:
+        """(gpa, size) of each guest RAM bank, in address order: what may be
+        mapped. Known without mapping anything."""
+
+    @abc.abstractmethod
+    def map_guest_pages(self, gfn: int, count: int) -> GuestMapping:
+        """Map ``count`` guest frames from ``gfn`` (foreign mapping on real
+        Xen). Raises :class:`GuestMemoryFault` when any of them is not the
+        guest's RAM."""
+
+    def map_grant_refs(self, refs: Sequence[int]) -> GuestMapping:
+        """Map pages the guest granted us, one per reference, read-write
+        (gntdev on real Xen). Raises :class:`GuestMemoryFault` for a
+        reference the guest did not grant."""
+        raise GuestMemoryFault(f"{type(self).__name__} cannot map grant references")
+
     @abc.abstractmethod
     def guest_ram(self) -> Sequence[GuestRamRegion] | None:
         """The guest's RAM banks as files, or None where guest RAM is not a
         file (real Xen: only foreign mappings reach it)."""
+
+    # --- the kernel fast path (xen-ioreq.md); FastPathUnsupported when absent
+
+    @abc.abstractmethod
+    def ioeventfd(
+        self, pages: IoreqPages, ports: Sequence[int], *, base: int, vq: int, fd: int, assign: bool = True
+    ) -> None:
+        """IOCTL_PRIVCMD_IOEVENTFD: a 4-byte write of ``vq`` to
+        ``base + 0x50`` (QueueNotify) signals eventfd ``fd`` and completes
+        without reaching the ioreq loop. ``pages`` is this server's mapped
+        ioreq page and ``ports`` the local port of each vCPU, in vCPU order.
+        ``assign=False`` removes the registration of that ``fd``."""
+
+    @abc.abstractmethod
+    def irqfd(self, *, irq: int, fd: int, assign: bool = True) -> None:
+        """IOCTL_PRIVCMD_IRQFD: every signal of eventfd ``fd`` becomes
+        XEN_DMOP_set_irq_level(irq, 1), issued by the kernel.
+        ``assign=False`` removes the registration of that ``fd``."""
+
+    # --- xenstore
+
+    @abc.abstractmethod
+    def xenstore(self) -> "XenStore":
+        """A connection to xenstore, seen from the domain the bridge runs in
+        (relative paths resolve under /local/domain/<own domid>). The
+        caller closes it."""
 
     @abc.abstractmethod
     def close(self) -> None:
