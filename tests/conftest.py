@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
+from xen.sim.client import SimHypervisor
 from xen.sim.launch import start_simulator
+
+
+@pytest.fixture
+def workdir():
+    """A short scratch directory: UNIX socket paths must stay under 108 bytes."""
+    path = tempfile.mkdtemp(prefix="xvb-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -28,3 +39,18 @@ def start_sim(tmp_path):
         assert not os.path.exists(sim.control_path)
         with pytest.raises(ProcessLookupError):
             os.kill(sim.pid, 0)
+
+
+@pytest.fixture
+def connect():
+    """Device-model connections to simulators, closed after the test."""
+    opened = []
+
+    def open_(sim, domid=1):
+        hv = SimHypervisor.connect(sim.control_path, domid)
+        opened.append(hv)
+        return hv
+
+    yield open_
+    for hv in opened:
+        hv.close()

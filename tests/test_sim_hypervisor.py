@@ -25,19 +25,6 @@ INPROCESS = abi.IoreqState.INPROCESS
 IORESP_READY = abi.IoreqState.IORESP_READY
 
 
-@pytest.fixture
-def connect():
-    opened = []
-
-    def open_(sim, domid=1):
-        hv = SimHypervisor.connect(sim.control_path, domid)
-        opened.append(hv)
-        return hv
-
-    yield open_
-    for hv in opened:
-        hv.close()
-
 
 def slot_state(page, vcpu: int) -> int:
     return page[vcpu * abi.IOREQ_SIZE + abi.OFF_FLAGS] & abi.STATE_MASK

@@ -7,18 +7,32 @@ channel is a socketpair end that behaves like ``/dev/xen/evtchn``.
 
 from __future__ import annotations
 
+import ctypes
 import errno as errno_module
 import logging
 import mmap
+import os
 import select
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from xen import abi
-from xen.hypervisor import EventChannel, GuestRamRegion, Hypervisor, HypervisorError, HypervisorUnavailable, IoreqPages
+from xen.hypervisor import (
+    XEN_PAGE_SIZE,
+    EventChannel,
+    FastPathUnsupported,
+    GuestMapping,
+    GuestMemoryFault,
+    GuestRamRegion,
+    Hypervisor,
+    HypervisorError,
+    HypervisorUnavailable,
+    IoreqPages,
+)
 from xen.sim import control
 from xen.sim.control import EVTCHN_OP_NOTIFY, EVTCHN_OP_UNMASK, EVTCHN_RECORD, ProtocolError
+from xen.xenstore import XenStore, XenStoreError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +49,11 @@ class SimHypervisorError(HypervisorError):
         self.op = op
 
 
+class SimFastPathUnsupported(SimHypervisorError, FastPathUnsupported):
+    """The simulated dom0 kernel has no privcmd ioeventfd/irqfd (ENOTTY or
+    EOPNOTSUPP, as Linux before 6.7 or without CONFIG_XEN_PRIVCMD_EVENTFD)."""
+
+
 class SimHypervisor(Hypervisor):
     """One guest domain of a running ``xen-sim``, seen from its device model."""
 
@@ -48,6 +67,10 @@ class SimHypervisor(Hypervisor):
         self._ram: list[GuestRamRegion] | None = None
         self._ram_fds: list[int] = []
         self._channels: list[SimEventChannel] = []
+        # id(ioreq page mmap) -> (that mmap, its server id): how ioeventfd()
+        # names the server of the pages it is given, as privcmd does by address
+        self._ioreq_maps: dict[int, tuple[mmap.mmap, int]] = {}
+        self._xenstores: list[SimXenStore] = []
         self._closed = False
 
     @classmethod
@@ -124,6 +147,7 @@ class SimHypervisor(Hypervisor):
         buffered = None
         if server_id in self._buffered:
             buffered = self._map_frame(server_id, abi.XENMEM_RESOURCE_IOREQ_SERVER_FRAME_BUFIOREQ)
+        self._ioreq_maps[id(ioreq)] = (ioreq, server_id)
         return IoreqPages(ioreq=ioreq, buffered=buffered)
 
     def set_ioreq_server_state(self, server_id: int, enabled: bool) -> None:
@@ -140,20 +164,77 @@ class SimHypervisor(Hypervisor):
     def destroy_ioreq_server(self, server_id: int) -> None:
         self._dm_op("destroy_ioreq_server", id=server_id)
         self._buffered.discard(server_id)
+        for key, (_ioreq, mapped_id) in list(self._ioreq_maps.items()):
+            if mapped_id == server_id:
+                del self._ioreq_maps[key]
 
     def set_irq_level(self, irq: int, level: int) -> None:
         self._dm_op("set_irq_level", irq=irq, level=level)
 
-    def open_event_channel(self) -> "SimEventChannel":
-        reply, fds = self._call("evtchn_open")
+    def _open_channel(self, op: str) -> tuple[dict, socket.socket]:
+        """An op whose reply hands over one end of a socketpair: (reply,
+        that end, nonblocking)."""
+        reply, fds = self._call(op)
         if len(fds) != 1:
             control.close_fds(fds)
-            raise HypervisorError(f"evtchn_open: the simulator sent {len(fds)} fds instead of 1")
+            raise HypervisorError(f"{op}: the simulator sent {len(fds)} fds instead of 1")
         sock = socket.socket(fileno=fds[0])
         sock.setblocking(False)
+        return reply, sock
+
+    def open_event_channel(self) -> "SimEventChannel":
+        reply, sock = self._open_channel("evtchn_open")
         channel = SimEventChannel(self, reply["handle"], sock)
         self._channels.append(channel)
         return channel
+
+    # --- the kernel fast path: privcmd's ioeventfd and irqfd ioctls
+
+    def ioeventfd(
+        self, pages: IoreqPages, ports: Sequence[int], *, base: int, vq: int, fd: int, assign: bool = True
+    ) -> None:
+        self.privcmd_ioeventfd(pages, ports, addr=base, addr_len=4, vq=vq, fd=fd, flags=0 if assign else 1)
+
+    def privcmd_ioeventfd(
+        self, pages: IoreqPages, ports: Sequence[int], *, addr: int, addr_len: int, vq: int, fd: int, flags: int
+    ) -> None:
+        """IOCTL_PRIVCMD_IOEVENTFD with every field of struct privcmd_ioeventfd
+        (``ioeventfd`` is the QueueNotify case: addr_len 4)."""
+        op = "privcmd_ioeventfd"
+        entry = self._ioreq_maps.get(id(pages.ioreq))
+        if entry is None or entry[0] is not pages.ioreq or pages.ioreq.closed:
+            # privcmd finds no mapping (vma) of an ioreq page at that address
+            raise SimHypervisorError(
+                f"{op}: that ioreq page was not mapped by map_ioreq_pages() on this connection (EFAULT)",
+                errno_module.EFAULT,
+                op,
+            )
+        self._privcmd_call(op, fd, id=entry[1], ports=list(ports), addr=addr, addr_len=addr_len, vq=vq, flags=flags)
+
+    def irqfd(self, *, irq: int, fd: int, assign: bool = True) -> None:
+        self._privcmd_call("privcmd_irqfd", fd, irq=irq, flags=0 if assign else 1)
+
+    def _privcmd_call(self, op: str, fd: int, **fields) -> None:
+        """One privcmd eventfd ioctl with ``fd`` sent along (SCM_RIGHTS).
+        ENOTTY or EOPNOTSUPP (no such ioctl in this dom0 kernel) raise
+        FastPathUnsupported."""
+        if self._closed:
+            raise HypervisorError(f"{op}: the simulator connection is closed")
+        try:
+            os.fstat(fd)
+        except (OSError, TypeError, ValueError, OverflowError):
+            raise SimHypervisorError(
+                f"{op}: fd {fd!r} is not an open file descriptor (EBADF)", errno_module.EBADF, op
+            ) from None
+        self._seq += 1
+        request = {"op": op, "seq": self._seq, "domid": self.domid, **fields}
+        try:
+            _reply, fds = _call(self._sock, request, op, self._sock.gettimeout(), [fd])
+        except SimHypervisorError as exc:
+            if exc.errno in (errno_module.ENOTTY, errno_module.EOPNOTSUPP):
+                raise SimFastPathUnsupported(str(exc), exc.errno, op) from None
+            raise
+        control.close_fds(fds)
 
     def guest_ram(self) -> Sequence[GuestRamRegion]:
         if self._ram is None:
@@ -167,6 +248,74 @@ class SimHypervisor(Hypervisor):
             ]
         return list(self._ram)
 
+    # --- guest pages, grants, xenstore (the simulator's toolstack ops)
+
+    def guest_ram_layout(self) -> list[tuple[int, int]]:
+        reply, fds = self._call("guest_ram", domid=self.domid)
+        control.close_fds(fds)  # only the layout is wanted here
+        return sorted((r["gpa"], r["size"]) for r in reply["regions"])
+
+    def _guest_memory_call(self, op: str, **fields) -> tuple[dict, int]:
+        """A mapping op: (reply, the RAM memfd, which the caller closes).
+        What Xen or gntdev refuses becomes a GuestMemoryFault."""
+        try:
+            reply, fds = self._call(op, domid=self.domid, **fields)
+        except SimHypervisorError as exc:
+            if exc.errno in (errno_module.EINVAL, errno_module.EPERM):
+                raise SimGuestMemoryFault(str(exc), exc.errno, op) from None
+            raise
+        if len(fds) != 1:
+            control.close_fds(fds)
+            raise HypervisorError(f"{op}: the simulator sent {len(fds)} fds instead of 1")
+        return reply, fds[0]
+
+    def map_guest_pages(self, gfn: int, count: int) -> "SimGuestMapping":
+        if count < 1:
+            raise ValueError(f"map_guest_pages: count must be at least 1, not {count}")
+        if gfn < 0:
+            raise SimGuestMemoryFault(f"map_foreign: gfn {gfn} is negative", errno_module.EINVAL, "map_foreign")
+        reply, fd = self._guest_memory_call("map_foreign", gfn=gfn, count=count)
+        try:
+            return SimGuestMapping.map(fd, reply["offset"], count * XEN_PAGE_SIZE)
+        finally:
+            os.close(fd)
+
+    def map_grant_refs(self, refs: Sequence[int]) -> "SimGrantMapping":
+        refs = list(refs)
+        if not refs:
+            raise ValueError("map_grant_refs: no grant references")
+        for ref in refs:
+            if type(ref) is not int or not 0 <= ref <= 0xFFFFFFFF:
+                raise SimGuestMemoryFault(f"map_grant_refs: {ref!r} is not a grant reference", errno_module.EINVAL, "map_grant_refs")
+        offsets: list[int] = []
+        fd = -1
+        try:
+            for start in range(0, len(refs), control.MAX_GRANT_REFS_PER_MAP):
+                reply, chunk_fd = self._guest_memory_call(
+                    "map_grant_refs", refs=refs[start : start + control.MAX_GRANT_REFS_PER_MAP]
+                )
+                if fd < 0:
+                    fd = chunk_fd
+                else:
+                    os.close(chunk_fd)  # the same RAM memfd again
+                offsets.extend(reply["offsets"])
+            return SimGrantMapping.map(fd, offsets)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def stats(self) -> dict[str, int]:
+        """The simulator's counters of mapped guest memory and grants."""
+        reply, fds = self._call("stats")
+        control.close_fds(fds)
+        return {k: v for k, v in reply.items() if k not in ("ok", "seq")}
+
+    def xenstore(self) -> "SimXenStore":
+        reply, sock = self._open_channel("xs_open")
+        store = SimXenStore(self, reply["handle"], sock)
+        self._xenstores.append(store)
+        return store
+
     def close(self) -> None:
         if self._closed:
             return
@@ -174,9 +323,12 @@ class SimHypervisor(Hypervisor):
         for channel in self._channels:
             channel.close()
         self._channels.clear()
+        for store in list(self._xenstores):
+            store.close()
         control.close_fds(self._ram_fds)
         self._ram_fds = []
         self._ram = None
+        self._ioreq_maps.clear()
         self._sock.close()
 
     def __enter__(self) -> "SimHypervisor":
@@ -186,11 +338,29 @@ class SimHypervisor(Hypervisor):
         self.close()
 
 
-def _call(sock: socket.socket, request: dict, op: str, timeout: float | None) -> tuple[dict, list[int]]:
-    """One request, its reply: (reply, fds). Raises SimHypervisorError for an
-    error reply and HypervisorError when the simulator does not answer."""
+def _waiting_messages(sock: socket.socket, buf: bytearray, what: str, error: type[Exception]) -> Iterator[int]:
+    """Receive, into ``buf``, each message already waiting on a nonblocking
+    SEQPACKET socket, yielding its length; stop when none is left."""
+    while True:
+        try:
+            n = sock.recv_into(buf)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            raise error(f"{what}: {exc.strerror or exc}") from None
+        if n == 0:
+            raise error(f"{what}: the Xen simulator closed it (did it exit?)")
+        yield n
+
+
+def _call(
+    sock: socket.socket, request: dict, op: str, timeout: float | None, fds: Sequence[int] = ()
+) -> tuple[dict, list[int]]:
+    """One request (with ``fds`` attached), its reply: (reply, fds). Raises
+    SimHypervisorError for an error reply and HypervisorError when the
+    simulator does not answer."""
     try:
-        control.send_message(sock, request)
+        control.send_message(sock, request, fds)
         while True:
             received = control.recv_message(sock)
             if received is None:
@@ -252,22 +422,14 @@ class SimEventChannel(EventChannel):
 
     def read_pending(self) -> list[int]:
         ports: list[int] = []
-        sock = self._sock
         buf = self._rbuf
-        while True:
-            try:
-                n = sock.recv_into(buf)
-            except BlockingIOError:
-                return ports
-            except OSError as exc:
-                raise HypervisorError(f"event channel: {exc.strerror or exc}") from None
-            if n == 0:
-                raise HypervisorError("event channel: the Xen simulator closed it (did it exit?)")
+        for n in _waiting_messages(self._sock, buf, "event channel", HypervisorError):
             count = n >> 2
             unpack = self._ports.get(count)
             if unpack is None:
                 unpack = self._ports[count] = struct.Struct(f"<{count}I")
             ports.extend(unpack.unpack_from(buf))
+        return ports
 
     def unmask(self, local_ports: Iterable[int]) -> None:
         buf = self._wbuf
@@ -318,4 +480,233 @@ class SimEventChannel(EventChannel):
         self.close()
 
 
-__all__ = ["CALL_TIMEOUT", "SimEventChannel", "SimHypervisor", "SimHypervisorError"]
+# --- guest pages, grants, xenstore ---------------------------------------------
+
+
+class SimGuestMemoryFault(GuestMemoryFault, SimHypervisorError):
+    """The simulator refused a foreign or grant mapping (``errno`` says how:
+    EINVAL for a frame that is not RAM or a reference that is not an active
+    grant to us, EPERM for a read-only grant)."""
+
+
+class SimGuestMapping(GuestMapping):
+    """Guest frames contiguous in the simulator's RAM memfd, mmapped in one
+    piece (the foreign mapping of map_guest_pages)."""
+
+    def __init__(self, mm: mmap.mmap, view: memoryview) -> None:
+        self._mm: mmap.mmap | None = mm
+        self.view = view
+
+    @classmethod
+    def map(cls, fd: int, offset: int, length: int) -> "SimGuestMapping":
+        # mmap offsets must be host-page aligned; a host page bigger than
+        # Xen's 4 KiB maps a little more around the frames than asked.
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        lead = offset - start
+        mm = mmap.mmap(fd, lead + length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        with memoryview(mm) as whole:
+            view = whole[lead : lead + length]
+        return cls(mm, view)
+
+    def close(self) -> None:
+        mm, self._mm = self._mm, None
+        if mm is None:
+            return
+        try:
+            self.view.release()
+            mm.close()
+        except BufferError:
+            # The caller still holds a slice of the view: the pages stay
+            # mapped until it goes (unmapping now would fault on it).
+            log.debug("guest mapping still exported; unmapped when the last view goes")
+
+    def __enter__(self) -> "SimGuestMapping":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_MAP_FIXED = 0x10  # <asm-generic/mman-common.h>; the mmap module does not export it
+_PROT_NONE = 0
+_libc = None
+
+
+def _libc_calls():
+    """libc's mmap and mprotect through ctypes (loaded on first use)."""
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        mmap_fn = getattr(libc, "mmap64", None) or libc.mmap
+        mmap_fn.restype = ctypes.c_void_p
+        mmap_fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+        libc.mprotect.restype = ctypes.c_int
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _libc = (mmap_fn, libc.mprotect)
+    return _libc
+
+
+class SimGrantMapping(GuestMapping):
+    """Granted pages, wherever they sit in the RAM memfd, as one contiguous
+    view (what gntdev gives): a reservation of n pages, then each run of
+    pages consecutive in the memfd mapped MAP_FIXED over its part of it.
+
+    The reservation is a Python anonymous mmap turned PROT_NONE, so that
+    closing it unmaps the whole region at once, and so that mmap's own
+    export tracking refuses to unmap while a slice of the view is alive."""
+
+    def __init__(self, mm: mmap.mmap) -> None:
+        self._mm: mmap.mmap | None = mm
+        self.view = memoryview(mm)
+
+    @classmethod
+    def map(cls, fd: int, offsets: Sequence[int]) -> "SimGrantMapping":
+        page = XEN_PAGE_SIZE
+        if mmap.PAGESIZE != page:
+            raise HypervisorError(
+                f"map_grant_refs: mapping 4 KiB grants one by one needs 4 KiB host pages (this host has {mmap.PAGESIZE})"
+            )
+        n = len(offsets)
+        mmap_fn, mprotect = _libc_calls()
+        mm = mmap.mmap(-1, n * page, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            anchor = ctypes.c_char.from_buffer(mm)
+            base = ctypes.addressof(anchor)
+            del anchor  # drops its export of mm
+            if mprotect(base, n * page, _PROT_NONE) != 0:
+                err = ctypes.get_errno()
+                raise HypervisorError(f"map_grant_refs: mprotect of the reservation: {os.strerror(err)}")
+            i = 0
+            while i < n:
+                j = i + 1
+                while j < n and offsets[j] == offsets[j - 1] + page:
+                    j += 1
+                want = base + i * page
+                got = mmap_fn(
+                    want, (j - i) * page, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED, fd, offsets[i]
+                )
+                if got != want:
+                    err = ctypes.get_errno()
+                    raise HypervisorError(f"map_grant_refs: mmap of {j - i} pages at offset {offsets[i]:#x}: {os.strerror(err)}")
+                i = j
+        except BaseException:
+            mm.close()
+            raise
+        return cls(mm)
+
+    def close(self) -> None:
+        mm, self._mm = self._mm, None
+        if mm is None:
+            return
+        try:
+            self.view.release()
+            mm.close()  # munmap of the whole region, every page mapped over it included
+        except BufferError:
+            log.debug("grant mapping still exported; unmapped when the last view goes")
+
+    def __enter__(self) -> "SimGrantMapping":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SimXenStoreError(XenStoreError):
+    """A xenstore request the simulator refused; ``errno`` is xenstored's."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class SimXenStore(XenStore):
+    """One xenstore handle of the simulator: requests on the control
+    connection, watch events on a socketpair end of their own."""
+
+    def __init__(self, hypervisor: SimHypervisor, handle: int, sock: socket.socket) -> None:
+        self._hv = hypervisor
+        self.handle = handle
+        self._sock = sock
+        self._rbuf = bytearray(control.MAX_MESSAGE_SIZE)
+        self._closed = False
+
+    def _request(self, op: str, **fields) -> dict:
+        if self._closed:
+            raise SimXenStoreError(f"{op}: the xenstore handle is closed", errno_module.EBADF)
+        try:
+            reply, fds = self._hv._call(op, handle=self.handle, **fields)
+        except HypervisorError as exc:
+            raise SimXenStoreError(str(exc), getattr(exc, "errno", None)) from None
+        control.close_fds(fds)
+        return reply
+
+    def read(self, path: str) -> str | None:
+        try:
+            return self._request("xs_read", path=path)["value"]
+        except SimXenStoreError as exc:
+            if exc.errno == errno_module.ENOENT:
+                return None
+            raise
+
+    def write(self, path: str, value: str) -> None:
+        self._request("xs_write", path=path, value=value)
+
+    def directory(self, path: str) -> list[str] | None:
+        try:
+            return self._request("xs_directory", path=path)["names"]
+        except SimXenStoreError as exc:
+            if exc.errno == errno_module.ENOENT:
+                return None
+            raise
+
+    def remove(self, path: str) -> None:
+        try:
+            self._request("xs_rm", path=path)
+        except SimXenStoreError as exc:
+            if exc.errno != errno_module.ENOENT:
+                raise
+
+    def watch(self, path: str, token: str) -> None:
+        self._request("xs_watch", path=path, token=token)
+
+    def unwatch(self, path: str, token: str) -> None:
+        self._request("xs_unwatch", path=path, token=token)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def read_watches(self) -> list[tuple[str, str]]:
+        if self._closed:
+            raise SimXenStoreError("the xenstore handle is closed", errno_module.EBADF)
+        events: list[tuple[str, str]] = []
+        buf = self._rbuf
+        for n in _waiting_messages(self._sock, buf, "xenstore watches", SimXenStoreError):
+            try:
+                events.append(control.decode_watch_event(buf[:n]))
+            except ProtocolError as exc:
+                raise SimXenStoreError(str(exc)) from None
+        return events
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._sock.close()
+        try:
+            self._hv._xenstores.remove(self)
+        except ValueError:
+            pass
+
+
+__all__ = [
+    "CALL_TIMEOUT",
+    "SimEventChannel",
+    "SimFastPathUnsupported",
+    "SimGrantMapping",
+    "SimGuestMapping",
+    "SimGuestMemoryFault",
+    "SimHypervisor",
+    "SimHypervisorError",
+    "SimXenStore",
+    "SimXenStoreError",
+]

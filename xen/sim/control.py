@@ -29,6 +29,15 @@ boundaries:
 4. The guest's interrupt channel (handed to the guest at ``hello``):
    records of :data:`IRQ_RECORD` (8 bytes each, one or more per message).
 
+5. A xenstore handle's watch channel (op ``xs_open`` hands the client one
+   end of a socketpair): simulator -> client only, one message per watch
+   event, ``path NUL token NUL`` in UTF-8 (:func:`encode_watch_event`).
+
+The guest's control connection also takes requests after ``hello``: the
+guest-role ops of :data:`REQUESTS` (``devices``, ``grant_access``,
+``grant_access_seq``, ``end_access``); a device model's connection takes
+every other op.
+
 The JSON codec and the validation are pure; the send/receive helpers come in
 a blocking flavour (plain ``socket``) and a trio flavour.
 """
@@ -104,6 +113,19 @@ IRQ_RECORD = struct.Struct("<IBBH")
 latched the interrupt pending: run the handler), u16 reserved."""
 
 
+def encode_watch_event(path: str, token: str) -> bytes:
+    """One xenstore watch event, simulator -> client."""
+    return f"{path}\0{token}\0".encode("utf-8")
+
+
+def decode_watch_event(data: bytes) -> tuple[str, str]:
+    """(path, token) of one watch event message."""
+    parts = bytes(data).decode("utf-8", "replace").split("\0")
+    if len(parts) != 3 or parts[2] != "":
+        raise ProtocolError(f"malformed xenstore watch event {bytes(data)[:80]!r}")
+    return parts[0], parts[1]
+
+
 # --- control requests ---------------------------------------------------
 
 U8 = (0, 0xFF)
@@ -142,6 +164,38 @@ class Field:
 
 DOMID = Field(int, U16)
 SERVER_ID = Field(int, U16)  # ioservid_t is a u16
+
+
+@attrs.frozen(slots=True)
+class IntListField:
+    """A request field that is a JSON array of integers in ``bounds``, with
+    1 to ``max_len`` elements (used for grant references)."""
+
+    bounds: tuple[int, int]
+    max_len: int
+    required: bool = True
+
+    def check(self, op: str, name: str, value: object) -> None:
+        if type(value) is not list:
+            raise ProtocolError(f"{op}: field {name!r} must be an array of integers, not {_json_type(value)}")
+        if not 1 <= len(value) <= self.max_len:
+            raise ProtocolError(f"{op}: field {name!r} must hold 1 to {self.max_len} integers, not {len(value)}")
+        lo, hi = self.bounds
+        for i, item in enumerate(value):
+            if type(item) is not int:
+                raise ProtocolError(f"{op}: {name}[{i}] must be an integer, not {_json_type(item)}")
+            if not lo <= item <= hi:
+                raise ProtocolError(f"{op}: {name}[{i}] = {item} is out of range [{lo}, {hi}]")
+
+
+MAX_GRANT_REFS_PER_MAP = 1024
+"""Most grant references one map_grant_refs request may name (the JSON
+reply must fit one control message)."""
+
+XS_HANDLE = Field(int, U32)
+
+PRIVCMD_MAX_IOEVENTFD_VCPUS = 4096
+"""privcmd_ioeventfd_assign()'s limit on the vCPUs (ports) of one ioreq page."""
 
 REQUESTS: dict[str, dict[str, Field]] = {
     "hello": {
@@ -184,6 +238,78 @@ REQUESTS: dict[str, dict[str, Field]] = {
     "evtchn_unbind": {"handle": Field(int, U32), "port": Field(int, U32)},
     # The simulator's own: guest RAM as a file (replies with the RAM memfd).
     "guest_ram": {"domid": DOMID},
+    # --- the dom0 kernel's privcmd eventfd ioctls (Linux >= 6.7). Each
+    # carries its eventfd as the one SCM_RIGHTS fd (REQUEST_FDS) and replies
+    # {}; flags bit 0 is DEASSIGN, any other bit is EINVAL. ENOTTY from a
+    # simulator run with --no-kernel-fast-path (an older kernel).
+    # IOCTL_PRIVCMD_IOEVENTFD: id is the ioreq server (the kernel names it by
+    # the address of the mapped ioreq page); ports holds one local port per
+    # vCPU, in vCPU order, each bound on this connection's event-channel
+    # device to that server's vp_eport of the vCPU; addr is the device's MMIO
+    # base, addr_len 1, 2, 4 or 8. A write of addr_len bytes to addr + 0x50
+    # (QueueNotify) whose low 16 bits equal vq then signals the eventfd and
+    # completes without the ioreq loop. Deassign finds the eventfd on that
+    # server (ENODEV if absent).
+    "privcmd_ioeventfd": {
+        "domid": DOMID,
+        "id": SERVER_ID,
+        "ports": IntListField(U32, PRIVCMD_MAX_IOEVENTFD_VCPUS),
+        "addr": Field(int, U64),
+        "addr_len": Field(int, U32),
+        "vq": Field(int, U32),
+        "flags": Field(int, U32),
+    },
+    # IOCTL_PRIVCMD_IRQFD with a prepared XEN_DMOP_set_irq_level(irq, 1):
+    # every signal of the eventfd raises irq (an SPI, else EINVAL). Deassign
+    # finds the eventfd (ENOENT if absent).
+    "privcmd_irqfd": {"domid": DOMID, "irq": Field(int, U32), "flags": Field(int, U32)},
+    # --- xenstore (device models; dom0 is privileged: any path, read and write).
+    # xs_open replies {handle} with one fd: a socketpair end on which each
+    # watch event arrives as one message "path\0token\0" (UTF-8), like
+    # xenstored's XS_WATCH_EVENT payload. Closing that fd (or the control
+    # connection) closes the handle and drops its watches. Paths are absolute
+    # or relative to /local/domain/0. xs_read replies {value}, xs_directory
+    # {names}; a missing node is ENOENT, a bad path EINVAL (see
+    # xen.sim.xenstore for the rules).
+    "xs_open": {},
+    "xs_read": {"handle": XS_HANDLE, "path": Field(str)},
+    "xs_write": {"handle": XS_HANDLE, "path": Field(str), "value": Field(str)},
+    "xs_directory": {"handle": XS_HANDLE, "path": Field(str)},
+    "xs_rm": {"handle": XS_HANDLE, "path": Field(str)},
+    "xs_watch": {"handle": XS_HANDLE, "path": Field(str), "token": Field(str)},
+    "xs_unwatch": {"handle": XS_HANDLE, "path": Field(str), "token": Field(str)},
+    # --- guest memory for device models.
+    # privcmd foreign mapping of count frames from gfn: replies {offset,
+    # length} and the RAM memfd; every frame must be guest RAM of one bank
+    # (else EINVAL naming the first bad gfn).
+    "map_foreign": {"domid": DOMID, "gfn": Field(int, U64), "count": Field(int, (1, 0xFFFFFFFF))},
+    # gntdev mapping of grant references of domain domid, read-write:
+    # replies {offsets} (one per ref, in the RAM memfd) and the RAM memfd.
+    # EINVAL for a ref that is not an active grant to dom0, EPERM for a
+    # read-only grant.
+    "map_grant_refs": {"domid": DOMID, "refs": IntListField(U32, MAX_GRANT_REFS_PER_MAP)},
+    # The simulator's counters: {map_foreign_calls, map_foreign_pages,
+    # map_grant_calls, map_grant_pages} (successful mappings, by every
+    # device model), grants_active and xs_watches (registered watches),
+    # kernel_kicks and kernel_irqs (QueueNotify writes and interrupts the
+    # kernel fast path carried without a device model).
+    "stats": {},
+    # --- guest-role requests (on the guest's control connection after hello).
+    # devices: the guest's device tree, {devices: [{devid, type, virtio_id,
+    # base, irq, grant_usage, backend_domid}]}.
+    "devices": {},
+    # gnttab_grant_foreign_access(): replies {ref}; backend_domid defaults to 0.
+    "grant_access": {"gfn": Field(int, U64), "readonly": Field(bool), "backend_domid": Field(int, U16, required=False)},
+    # gnttab_alloc_grant_reference_seq() + one grant per page: count
+    # consecutive refs for gfn, gfn + 1, ...; replies {ref} (the first).
+    "grant_access_seq": {
+        "gfn": Field(int, U64),
+        "count": Field(int, (1, 0xFFFFFFFF)),
+        "readonly": Field(bool),
+        "backend_domid": Field(int, U16, required=False),
+    },
+    # gnttab_end_foreign_access_ref(): EINVAL for a ref not in use.
+    "end_access": {"ref": Field(int, U32)},
 }
 
 _COMMON_FIELDS = {"op", "seq"}
@@ -253,6 +379,26 @@ def validate_request(message: Mapping[str, object]) -> tuple[str, dict]:
         field.check(op, name, message[name])
         args[name] = message[name]
     return op, args
+
+
+# --- requests that carry file descriptors
+
+REQUEST_FDS: dict[str, int] = {"privcmd_ioeventfd": 1, "privcmd_irqfd": 1}
+"""The requests that carry file descriptors (SCM_RIGHTS), and how many
+each carries; every other request carries none."""
+
+MAX_REQUEST_FDS = max(REQUEST_FDS.values())
+
+
+def check_request_fds(op: str, fds: Sequence[int]) -> None:
+    """A request must carry exactly the fds its op takes (ProtocolError
+    otherwise; the caller still owns and closes them)."""
+    want = REQUEST_FDS.get(op, 0)
+    if len(fds) == want:
+        return
+    if want == 0:
+        raise ProtocolError(f"{op}: requests carry no file descriptors, and this one had {len(fds)} attached")
+    raise ProtocolError(f"{op}: takes {want} file descriptor{'s' if want > 1 else ''} (SCM_RIGHTS), not {len(fds)}")
 
 
 def ok_reply(**fields: object) -> dict:

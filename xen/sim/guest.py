@@ -13,11 +13,18 @@ of their own and are dispatched like a GIC dispatches an edge-triggered SPI:
 the handler runs once per latched edge, and an edge that arrives while the
 handler runs is latched and runs it again afterwards (edges that arrive while
 one is already latched and not yet taken merge into it).
+
+The guest also asks the simulator for its device tree (:meth:`SimGuest.devices`,
+the virtio-mmio devices libxl laid out) and fills its grant table
+(:meth:`SimGuest.grant_access`, :meth:`SimGuest.grant_access_seq`,
+:meth:`SimGuest.end_access`, and :meth:`SimGuest.grant_dma_map` for a buffer
+addressed the way Linux's xen-grant-dma addresses it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno as errno_module
 import logging
 import mmap
 import socket
@@ -27,6 +34,8 @@ import trio
 
 from xen.hypervisor import HypervisorError, HypervisorUnavailable
 from xen.sim import control
+from xen.sim.guest_memory import grant_address, grant_page_count, grant_ref_of
+from xen.sim.xenstore import VirtioMmioDevice
 from xen.sim.control import (
     IRQ_RECORD,
     TRAP_BAD_REQUEST,
@@ -67,6 +76,15 @@ class DeviceModelGone(GuestError):
 
 class DomainCrashed(GuestError):
     """Xen would have crashed the domain (e.g. an ioreq state went backwards)."""
+
+
+class GuestRequestError(GuestError):
+    """The simulator refused a request of the guest's (a grant-table
+    operation, say); ``errno`` is what Xen would return."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 _STATUS_ERRORS: dict[int, type[GuestError]] = {
@@ -239,6 +257,8 @@ class SimGuest:
         self._irq_sock = irq_sock
         self._nursery = nursery
         self._lines: dict[int, _IrqLine] = {}
+        self._request_lock = trio.Lock()
+        self._request_seq = 0
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -367,3 +387,72 @@ class SimGuest:
                 line.runs += 1
             line.wakeup = trio.Event()
             await line.wakeup.wait()
+
+    # --- requests on the control connection: the device tree, the grant table
+
+    async def _request(self, op: str, **fields) -> dict:
+        """One guest-role request and its reply (one at a time; a reply left
+        behind by a cancelled request is skipped by its seq)."""
+        async with self._request_lock:
+            self._request_seq += 1
+            seq = self._request_seq
+            try:
+                await control.trio_send_message(self._control, {"op": op, "seq": seq, **fields})
+                while True:
+                    received = await control.trio_recv_message(self._control, max_fds=0)
+                    if received is None:
+                        raise HypervisorError(f"{op}: the Xen simulator closed the guest's connection (did it exit?)")
+                    if received.error is not None:
+                        raise HypervisorError(f"{op}: unreadable reply from the Xen simulator: {received.error}")
+                    reply = received.message
+                    if reply.get("seq") == seq:
+                        break
+            except OSError as exc:
+                raise HypervisorError(f"{op}: lost the Xen simulator ({exc.strerror or exc})") from None
+        if reply.get("ok") is not True:
+            err = control.errno_from_name(reply.get("errno"))
+            suffix = f" ({errno_module.errorcode[err]})" if err is not None else ""
+            raise GuestRequestError(f"{op}: {reply.get('error', reply)}{suffix}", err)
+        return reply
+
+    async def devices(self) -> list[VirtioMmioDevice]:
+        """The virtio-mmio devices of the guest's device tree, as libxl laid
+        them out (devid order)."""
+        reply = await self._request("devices")
+        return [VirtioMmioDevice(**d) for d in reply["devices"]]
+
+    async def grant_access(self, gfn: int, readonly: bool = False, *, backend_domid: int = 0) -> int:
+        """gnttab_grant_foreign_access(): grant frame ``gfn`` to the backend
+        domain; returns the grant reference."""
+        reply = await self._request("grant_access", gfn=gfn, readonly=bool(readonly), backend_domid=backend_domid)
+        return reply["ref"]
+
+    async def grant_access_seq(self, gfn: int, count: int, readonly: bool = False, *, backend_domid: int = 0) -> int:
+        """Grant frames gfn .. gfn + count - 1 with consecutive references
+        (gnttab_alloc_grant_reference_seq, as xen-grant-dma does for a
+        multi-page buffer); returns the first reference."""
+        reply = await self._request(
+            "grant_access_seq", gfn=gfn, count=count, readonly=bool(readonly), backend_domid=backend_domid
+        )
+        return reply["ref"]
+
+    async def end_access(self, ref: int) -> None:
+        """gnttab_end_foreign_access_ref(): revoke a grant."""
+        await self._request("end_access", ref=ref)
+
+    async def grant_dma_map(self, gpa: int, length: int, *, readonly: bool = False, backend_domid: int = 0) -> int:
+        """xen-grant-dma's map of a buffer at guest-physical ``gpa``: grant
+        its frames with consecutive references and return the address a
+        driver puts in a descriptor (:func:`grant_address` of the first
+        reference and the offset in the first page)."""
+        if length <= 0:
+            raise ValueError(f"grant_dma_map: length must be positive, not {length}")
+        first, last = gpa >> 12, (gpa + length - 1) >> 12
+        ref = await self.grant_access_seq(first, last - first + 1, readonly, backend_domid=backend_domid)
+        return grant_address(ref, gpa & 0xFFF)
+
+    async def grant_dma_unmap(self, addr: int, length: int) -> None:
+        """Revoke every grant :meth:`grant_dma_map` made for that buffer."""
+        ref, offset = grant_ref_of(addr)
+        for i in range(grant_page_count(offset, length)):
+            await self.end_access(ref + i)

@@ -147,3 +147,49 @@ class GuestAllocator:
                 raise AssertionError(f"allocation {gpa:#x} lies in a free range")
             if i + 1 < len(starts) and starts[i + 1] < gpa + size:
                 raise AssertionError(f"allocation {gpa:#x}+{size:#x} overlaps a free range")
+
+
+# -- grant DMA addresses --------------------------------------------------------
+#
+# With grant_usage on, Linux's xen-grant-dma hands a virtio driver DMA
+# addresses that name grant references instead of guest-physical memory:
+# bit 63 set, the reference in the page-number bits, the offset in the page
+# below. A buffer of several pages is granted with consecutive references,
+# so the address arithmetic of a linear buffer still works.
+
+GRANT_DMA_ADDR_OFF = 1 << 63
+"""Bit 63: the address is a grant address (xen-grant-dma's XEN_GRANT_DMA_ADDR_OFF)."""
+
+XEN_PAGE_SHIFT = 12
+XEN_PAGE_MASK = (1 << XEN_PAGE_SHIFT) - 1
+GRANT_REF_MAX = 0xFFFFFFFF
+
+
+def grant_address(ref: int, offset: int = 0) -> int:
+    """The DMA address of byte ``offset`` of the page granted as ``ref``
+    (an offset past the page lands in the pages of the next references)."""
+    if not 0 <= ref <= GRANT_REF_MAX:
+        raise ValueError(f"{ref} is not a grant reference")
+    if offset < 0:
+        raise ValueError(f"negative offset {offset}")
+    return GRANT_DMA_ADDR_OFF | ((ref << XEN_PAGE_SHIFT) + offset)
+
+
+def is_grant_address(addr: int) -> bool:
+    return bool(addr & GRANT_DMA_ADDR_OFF)
+
+
+def grant_ref_of(addr: int) -> tuple[int, int]:
+    """(grant reference, offset in its page) of a grant address."""
+    if not is_grant_address(addr):
+        raise ValueError(f"{addr:#x} is not a grant address (bit 63 clear)")
+    addr &= ~GRANT_DMA_ADDR_OFF
+    return addr >> XEN_PAGE_SHIFT, addr & XEN_PAGE_MASK
+
+
+def grant_page_count(offset: int, length: int) -> int:
+    """How many consecutive references a buffer of ``length`` bytes that
+    starts ``offset`` bytes into its first page spans."""
+    if length <= 0:
+        raise ValueError(f"length must be positive, not {length}")
+    return ((offset + length - 1) >> XEN_PAGE_SHIFT) + 1

@@ -47,6 +47,60 @@ Where the simulator departs from Xen, on purpose:
 - ``--irq-model line`` latches an edge only on a 0 -> 1 change of the line
   (Xen's vGIC latches one at every level-1 call: the default "xen" model).
 
+The toolstack's side (:class:`Toolstack`): a xenstore
+(``xen.sim.xenstore``, xenstored's semantics) that device models reach
+through the ``xs_*`` ops, each handle with a socketpair for its watch
+events; every device model is dom0, so it may read, write and remove
+anything, which is how a test plays ``xl`` (removing a backend directory
+is a device unplug). At start-up the tree holds what xen-init-dom0 and
+libxl write: dom0's and the guest's domid and name, the guest's memory
+(KiB, from ``--ram-mib``) and, for each repeatable ``--virtio SPEC``
+(xl.cfg syntax, ``type=virtio,device<hex>[,grant_usage=0|1][,backend=N]``,
+or ``blk``/``gpu``/``fs``/``net``), libxl's backend and frontend keys of
+a virtio-mmio device at 0x2000000 + 0x200 * devid, SPI 33 + devid. The
+guest reads its device tree with the guest-role op ``devices``. Guest
+memory through the Hypervisor interface: ``map_foreign`` (privcmd foreign
+mapping: every frame must be RAM of one bank, else EINVAL naming the first
+bad gfn) and ``map_grant_refs`` (gntdev: active grants to dom0 only) reply
+with the RAM memfd and offsets, and ``stats`` counts what was mapped. The
+guest's grant table takes ``grant_access``, ``grant_access_seq`` (count
+consecutive refs for consecutive frames, as Linux's xen-grant-dma) and
+``end_access`` from the guest: refs from 8 (0-7 are reserved), lowest free
+first. Departures: a read-only grant is refused (EPERM) rather than mapped
+read-only, since device models map read-write; the simulator does not
+know what a device model still has mapped, so end_access always succeeds
+where Xen would keep an entry in use while it is mapped; grants and the
+tree outlive a guest's detach, as the domain does.
+
+The dom0 kernel's fast path (:class:`PrivcmdEventfds`, Linux >= 6.7's
+privcmd; ``--no-kernel-fast-path`` models an older kernel: both ops fail
+with ENOTTY). ``privcmd_ioeventfd`` hangs a handler on the local port of
+each vCPU of an ioreq server. The interrupt that delivers such a port to
+the evtchn device runs it too (a shared IRQ): userspace still sees the
+port, and must still unmask it, since the channel stays masked until then
+(Linux's late EOI) and a masked port runs neither handler. The handler
+takes a slot that is IOREQ_READY, COPY and a write, sets it INPROCESS,
+holds it ``--fast-path-hold-us`` (200 us; 0 decides at once), then either
+signals the eventfd of the first registration whose base + 0x50, addr_len
+and vq (the low 16 bits of the data) match, sets IORESP_READY and notifies
+(the vCPU completes as if the device model had completed the slot), or
+puts the slot back to IOREQ_READY and notifies nobody: a device model that
+skipped the slot because it saw it INPROCESS must look again, or the vCPU
+hangs. Reads never match. An eventfd is known by its identity (its
+fdinfo eventfd-id), not by the fd number that brought it; registering one
+twice is EBUSY, deassigning one that is not there ENODEV, as in Linux.
+``privcmd_irqfd`` watches an eventfd and turns each signal (its count read
+and cleared) into set_irq_level(irq, 1), under ``--irq-model``.
+Departures: the ioeventfd ports must be exactly those the device model
+bound to the server's vp_eports on its own evtchn device, one per vCPU of
+the domain (EINVAL; Linux hooks whatever ports it is given); a second
+ioeventfd for the same base and vq is EEXIST (Linux accepts it and the
+first one wins); an irqfd's irq must be an SPI at assign (EINVAL; Linux
+issues the prepared dm_op blindly and logs its failure at each signal);
+deassigning an unknown irqfd is ENOENT (Linux returns 0); registrations
+go with their ioreq server and with the device model's connection, and
+their eventfds are closed (Linux keeps them until deassigned).
+
 Not simulated: IOREQ_TYPE_INVALIDATE broadcasts, PIO and PCI-config ioreqs
 (Arm sends neither), delivery through the buffered page, ioreq pages for
 more than 128 vCPUs, and legacy GFN mapping of the pages.
@@ -61,6 +115,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import errno
+import heapq
 import logging
 import mmap
 import os
@@ -78,6 +133,7 @@ import trio
 
 from xen import abi
 from xen.sim import control
+from xen.sim import xenstore as sim_xenstore
 from xen.sim.control import (
     EVTCHN_OP_NOTIFY,
     EVTCHN_OP_UNMASK,
@@ -219,7 +275,8 @@ class Poller:
     trio scheduling rounds. It hands control back to trio as soon as any
     socket trio serves (control connections, the listener) is readable, and
     at least every YIELD_EVERY seconds, so control requests, timers and
-    signals are never held up for long."""
+    signals are never held up for long. Callbacks of :meth:`call_later` run
+    in this task too, on time whether it is busy or idle."""
 
     BUSY_WINDOW = 0.002
     YIELD_EVERY = 0.005
@@ -227,6 +284,33 @@ class Poller:
     def __init__(self) -> None:
         self._ep = select.epoll()
         self._handlers: dict[int, Callable[[], None] | None] = {}
+        # call_later(): a heap of (time.monotonic() deadline, seq, callback),
+        # and the cancel scope of the idle wait in trio, to wake it in time.
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = 0
+        self._idle: trio.CancelScope | None = None
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` in this task, as a handler runs, once ``delay``
+        seconds have passed (the kernel fast path's held ioreq slots)."""
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (time.monotonic() + delay, self._timer_seq, callback))
+        idle = self._idle
+        if idle is not None:  # waiting in trio: wake up in time
+            idle.deadline = min(idle.deadline, trio.current_time() + delay)
+
+    def _run_timers(self) -> bool:
+        """Run every callback that is due; True if any ran."""
+        timers = self._timers
+        ran = False
+        while timers and timers[0][0] <= time.monotonic():
+            callback = heapq.heappop(timers)[2]
+            ran = True
+            try:
+                callback()
+            except Exception:  # like a handler's: log it, keep serving
+                log.exception("internal error in a timer callback")
+        return ran
 
     def add(self, sock: socket.socket, handler: Callable[[], None]) -> None:
         fd = sock.fileno()
@@ -256,8 +340,14 @@ class Poller:
         monotonic = time.monotonic
         window = self.BUSY_WINDOW
         yield_every = self.YIELD_EVERY
+        timers = self._timers
         while True:
-            await wait_readable(epfd)
+            idle = self._idle = trio.CancelScope()
+            if timers:
+                idle.deadline = trio.current_time() + max(timers[0][0] - monotonic(), 0.0)
+            with idle:
+                await wait_readable(epfd)
+            self._idle = None
             last_yield = monotonic()
             busy_until = last_yield + window
             events = poll(0)
@@ -275,15 +365,19 @@ class Poller:
                             self.remove(fd)
                 if trio_needed:
                     break
+                timed = timers and timers[0][0] <= monotonic() and self._run_timers()
                 now = monotonic()
-                if events:
+                if events or timed:
                     busy_until = now + window
                 elif now >= busy_until:
                     break
                 if now - last_yield >= yield_every:
                     await trio.lowlevel.checkpoint()
-                    last_yield = monotonic()
-                events = poll(max(busy_until - now, 0.0))
+                    last_yield = now = monotonic()
+                timeout = busy_until - now
+                if timers and timers[0][0] - now < timeout:
+                    timeout = timers[0][0] - now
+                events = poll(max(timeout, 0.0))
 
     def close(self) -> None:
         self._ep.close()
@@ -409,6 +503,12 @@ class EvtchnDevice:
             binding.pending = True
             return
         binding.masked = True  # the driver masks a port when it queues it
+        # The same interrupt runs privcmd's ioeventfd handler (a shared IRQ).
+        # It runs first here: in Linux it has claimed the slot long before
+        # the reader the evtchn handler woke can look at it.
+        kernel_ports = self.domain.privcmd.ports
+        if kernel_ports and binding in kernel_ports:
+            self.domain.privcmd.port_interrupt(binding)
         if self._batching:
             self._batch += binding.port_bytes
         else:
@@ -628,8 +728,15 @@ class Domain:
         self.guest: GuestAttachment | None = None
         self.crashed: str | None = None
         self.poller = Poller()
+        # dom0's privcmd ioeventfds and irqfds (see "the dom0 kernel's
+        # privcmd eventfds" below)
+        self.privcmd = PrivcmdEventfds(self, args)
+        # xenstore, virtio devices, grant table, guest-memory counters (see
+        # "the toolstack, guest pages and grants" below)
+        self.toolstack = Toolstack(self, args)
 
     def close(self) -> None:
+        self.privcmd.close()
         for server in self.servers:
             if server is not None:
                 server.close()
@@ -874,6 +981,7 @@ class Domain:
         server.enabled = False
         self.servers[server.id] = None
         self._rebuild_selection()
+        self.privcmd.server_gone(server)  # its ioeventfds go with it
         for vcpu in self.vcpus:
             if vcpu.pending is server:
                 self._finish(
@@ -1027,6 +1135,221 @@ class Domain:
         )
 
 
+# --- the toolstack, guest pages and grants ------------------------------------
+
+GNTTAB_NR_RESERVED_ENTRIES = 8  # grant_table.h: refs 0-7 are the toolstack's
+GNTTAB_NR_ENTRIES = 64 * (abi.PAGE_SIZE // 8)  # max_grant_frames 64 (Xen's default) of 8-byte v1 entries
+GFN_LIMIT = (1 << 64) // abi.PAGE_SIZE  # frames of a 64-bit guest-physical address space
+
+
+class Grant:
+    """One active entry of the guest's grant table (v1: a frame, a
+    read-only flag and the domain it is granted to)."""
+
+    __slots__ = ("gfn", "readonly", "domid")
+
+    def __init__(self, gfn: int, readonly: bool, domid: int) -> None:
+        self.gfn = gfn
+        self.readonly = readonly
+        self.domid = domid
+
+
+class GrantTable:
+    """The guest's grant table as the simulated guest's Linux fills it:
+    references from 8 (0-7 are reserved), the lowest free run of references
+    for each request, so consecutive grants get consecutive references."""
+
+    def __init__(self, domid: int, nr_entries: int = GNTTAB_NR_ENTRIES) -> None:
+        self.domid = domid
+        self.nr_entries = nr_entries
+        self.entries: dict[int, Grant] = {}
+
+    def grant(self, gfn: int, count: int, readonly: bool, to_domid: int) -> int:
+        """Grant ``count`` frames from ``gfn`` with consecutive references;
+        returns the first."""
+        if gfn + count > GFN_LIMIT:
+            raise XenError(errno.EINVAL, f"gfn {gfn:#x}+{count} is beyond the guest-physical address space")
+        entries = self.entries
+        ref = GNTTAB_NR_RESERVED_ENTRIES
+        while True:
+            if ref + count > self.nr_entries:
+                raise XenError(
+                    errno.ENOSPC,
+                    f"the grant table of domain {self.domid} has no {count} consecutive free references "
+                    f"({len(entries)} of {self.nr_entries - GNTTAB_NR_RESERVED_ENTRIES} in use)",
+                )
+            clash = next((r for r in range(ref, ref + count) if r in entries), None)
+            if clash is None:
+                break
+            ref = clash + 1
+        for i in range(count):
+            entries[ref + i] = Grant(gfn + i, readonly, to_domid)
+        return ref
+
+    def end(self, ref: int) -> None:
+        if self.entries.pop(ref, None) is None:
+            raise XenError(errno.EINVAL, f"grant reference {ref} of domain {self.domid} is not in use")
+
+    def lookup(self, ref: int, mapper_domid: int, writable: bool) -> Grant:
+        """What gnttab_map_grant_ref() checks before mapping ``ref``."""
+        grant = self.entries.get(ref)
+        if grant is None:
+            raise XenError(
+                errno.EINVAL, f"grant reference {ref} of domain {self.domid} is not an active grant (never granted, or revoked)"
+            )
+        if grant.domid != mapper_domid:
+            raise XenError(
+                errno.EINVAL,
+                f"grant reference {ref} of domain {self.domid} is granted to domain {grant.domid}, not to dom{mapper_domid}",
+            )
+        if writable and grant.readonly:
+            raise XenError(
+                errno.EPERM,
+                f"grant reference {ref} of domain {self.domid} is read-only and cannot be mapped read-write",
+            )
+        return grant
+
+
+class Toolstack:
+    """What the toolstack and the rest of Xen keep for the domain beyond
+    ioreqs: the xenstore tree (filled at start-up as xen-init-dom0 and libxl
+    would), the virtio devices of the guest's device tree, the guest's grant
+    table, and counters of the guest memory device models mapped."""
+
+    def __init__(self, domain: "Domain", args: argparse.Namespace) -> None:
+        self.domain = domain
+        self.devices: list[sim_xenstore.VirtioMmioDevice] = list(getattr(args, "virtio_devices", None) or [])
+        self.xenstore = sim_xenstore.XenStoreTree()
+        sim_xenstore.populate(self.xenstore, domain.domid, args.ram_mib, self.devices)
+        self.grants = GrantTable(domain.domid)
+        self.stats = {"map_foreign_calls": 0, "map_foreign_pages": 0, "map_grant_calls": 0, "map_grant_pages": 0}
+
+    def _bank_of(self, gfn: int) -> dict | None:
+        gpa = gfn * abi.PAGE_SIZE
+        for region in self.domain.ram_regions:
+            if region["gpa"] <= gpa < region["gpa"] + region["size"]:
+                return region
+        return None
+
+    def ram_offset(self, gfn: int, count: int) -> int:
+        """The RAM memfd offset of frames [gfn, gfn + count), which must all
+        be RAM of one bank; else EINVAL naming the first bad gfn."""
+        page = abi.PAGE_SIZE
+        bank = self._bank_of(gfn)
+        if bank is None:
+            raise XenError(errno.EINVAL, f"gfn {gfn:#x} (guest-physical {gfn * page:#x}) is not RAM of domain {self.domain.domid}")
+        bank_end = (bank["gpa"] + bank["size"]) // page
+        if gfn + count > bank_end:
+            if self._bank_of(bank_end) is not None:
+                raise XenError(
+                    errno.EINVAL,
+                    f"gfns {gfn:#x}-{gfn + count - 1:#x} run from one RAM bank into the next at gfn {bank_end:#x}: "
+                    "map each bank on its own",
+                )
+            raise XenError(
+                errno.EINVAL,
+                f"gfn {bank_end:#x} (guest-physical {bank_end * page:#x}) is not RAM of domain {self.domain.domid} "
+                f"(mapping {count} frames from gfn {gfn:#x})",
+            )
+        return bank["fd_offset"] + gfn * page - bank["gpa"]
+
+    def map_foreign(self, gfn: int, count: int) -> int:
+        offset = self.ram_offset(gfn, count)
+        self.stats["map_foreign_calls"] += 1
+        self.stats["map_foreign_pages"] += count
+        return offset
+
+    def map_grant_refs(self, refs: list[int]) -> list[int]:
+        """gntdev's map of ``refs`` for dom0, read-write: each one's offset
+        in the RAM memfd."""
+        offsets = []
+        for ref in refs:
+            grant = self.grants.lookup(ref, 0, writable=True)
+            try:
+                offsets.append(self.ram_offset(grant.gfn, 1))
+            except XenError as exc:  # GNTST_bad_page
+                raise XenError(exc.errno, f"grant reference {ref}: {exc}") from None
+        self.stats["map_grant_calls"] += 1
+        self.stats["map_grant_pages"] += len(refs)
+        return offsets
+
+    def snapshot(self) -> dict:
+        return {**self.stats, "grants_active": len(self.grants.entries), "xs_watches": len(self.xenstore.watches())}
+
+    # --- the guest's requests on its control connection
+
+    def guest_op(self, op: str, args: dict) -> dict:
+        if op == "devices":
+            return ok_reply(devices=[device.as_dict() for device in self.devices])
+        if op == "grant_access":
+            ref = self.grants.grant(args["gfn"], 1, args["readonly"], args.get("backend_domid", 0))
+            return ok_reply(ref=ref)
+        if op == "grant_access_seq":
+            ref = self.grants.grant(args["gfn"], args["count"], args["readonly"], args.get("backend_domid", 0))
+            return ok_reply(ref=ref)
+        if op == "end_access":
+            self.grants.end(args["ref"])
+            return ok_reply()
+        raise XenError(
+            errno.EINVAL,
+            f"op {op!r} is not available to the guest: its connection takes no requests after hello "
+            "but devices, grant_access, grant_access_seq and end_access",
+        )
+
+
+class XsHandle:
+    """One xenstore connection of a device model (dom0): its connection to
+    the tree, and the socketpair end its watch events go out on. The client
+    closing its end closes the handle and drops its watches."""
+
+    def __init__(self, handle: int, client: "DmClient", sock: socket.socket) -> None:
+        self.handle = handle
+        self.client = client
+        self.domain = client.domain
+        self.sock = sock
+        self.outbox = Outbox(sock)
+        self.conn = self.domain.toolstack.xenstore.connect(0, self.deliver)
+        self.closed = False
+        self._rbuf = bytearray(256)
+
+    def deliver(self, path: str, token: str) -> None:
+        self.outbox.send(control.encode_watch_event(path, token))
+
+    def alive(self) -> bool:
+        """Discard whatever the client wrote (it has nothing to say here);
+        False once it has closed its end."""
+        while True:
+            try:
+                n = self.sock.recv_into(self._rbuf)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if n == 0:
+                return False
+
+    def on_readable(self) -> None:
+        if not self.alive():
+            self.close()
+
+    def call(self, fn: Callable[[sim_xenstore.XsConnection], object]):
+        try:
+            return fn(self.conn)
+        except sim_xenstore.XsError as exc:
+            raise XenError(exc.errno, str(exc)) from None
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.conn.close()
+        self.client.xs_handles.pop(self.handle, None)
+        self.outbox.close()
+        self.domain.poller.remove(self.sock)
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+
+
 # --- clients ------------------------------------------------------------------
 
 
@@ -1052,7 +1375,22 @@ class DmClient:
             "evtchn_bind_interdomain": self.op_evtchn_bind_interdomain,
             "evtchn_unbind": self.op_evtchn_unbind,
             "guest_ram": self.op_guest_ram,
+            # xenstore, guest pages, grants (the toolstack block of ops below)
+            "xs_open": self.op_xs_open,
+            "xs_read": self.op_xs_read,
+            "xs_write": self.op_xs_write,
+            "xs_directory": self.op_xs_directory,
+            "xs_rm": self.op_xs_rm,
+            "xs_watch": self.op_xs_watch,
+            "xs_unwatch": self.op_xs_unwatch,
+            "map_foreign": self.op_map_foreign,
+            "map_grant_refs": self.op_map_grant_refs,
+            "stats": self.op_stats,
+            # the dom0 kernel's privcmd eventfd ioctls (PrivcmdEventfds)
+            "privcmd_ioeventfd": self.op_privcmd_ioeventfd,
+            "privcmd_irqfd": self.op_privcmd_irqfd,
         }
+        self.xs_handles: dict[int, XsHandle] = {}
 
     def drain_devices(self) -> None:
         """Act on everything this client sent on its event-channel devices
@@ -1126,16 +1464,22 @@ class DmClient:
                 raise XenError(errno.EINVAL, f"frames {frame}..{frame + nr_frames - 1} are not contiguous")
         return ok_reply(offset=first, length=nr_frames * abi.PAGE_SIZE), [server.fd], []
 
-    def op_evtchn_open(self):
+    def _open_channel(self, table: dict, make: Callable):
+        """Hand the client one end of a socketpair that the poller serves
+        (an event-channel device, a xenstore handle); handles are unique
+        across both kinds."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setblocking(False)
         handle = self._next_handle
         self._next_handle += 1
-        device = EvtchnDevice(handle, self, ours)
-        self.devices[handle] = device
-        self.domain.poller.add(ours, device.on_readable)
-        self.nursery.start_soon(device.outbox.run)
+        channel = make(handle, self, ours)
+        table[handle] = channel
+        self.domain.poller.add(ours, channel.on_readable)
+        self.nursery.start_soon(channel.outbox.run)
         return ok_reply(handle=handle), [theirs.fileno()], [theirs]
+
+    def op_evtchn_open(self):
+        return self._open_channel(self.devices, EvtchnDevice)
 
     def _device(self, handle: int) -> EvtchnDevice:
         device = self.devices.get(handle)
@@ -1154,14 +1498,75 @@ class DmClient:
     def op_guest_ram(self):
         return ok_reply(regions=self.domain.ram_regions), [self.domain.ram_fd], []
 
+    # --- xenstore, guest pages, grants (the toolstack side of the simulator)
+
+    def op_xs_open(self):
+        return self._open_channel(self.xs_handles, XsHandle)
+
+    def _xs(self, handle: int) -> XsHandle:
+        xs = self.xs_handles.get(handle)
+        if xs is not None and not xs.alive():  # closed by the client, not yet noticed
+            xs.close()
+            xs = None
+        if xs is None:
+            raise XenError(errno.EBADF, f"no open xenstore handle {handle} on this connection")
+        return xs
+
+    def op_xs_read(self, handle: int, path: str):
+        return ok_reply(value=self._xs(handle).call(lambda conn: conn.read(path))), [], []
+
+    def op_xs_write(self, handle: int, path: str, value: str):
+        self._xs(handle).call(lambda conn: conn.write(path, value))
+        return ok_reply(), [], []
+
+    def op_xs_directory(self, handle: int, path: str):
+        return ok_reply(names=self._xs(handle).call(lambda conn: conn.directory(path))), [], []
+
+    def op_xs_rm(self, handle: int, path: str):
+        self._xs(handle).call(lambda conn: conn.rm(path))
+        return ok_reply(), [], []
+
+    def op_xs_watch(self, handle: int, path: str, token: str):
+        self._xs(handle).call(lambda conn: conn.watch(path, token))
+        return ok_reply(), [], []
+
+    def op_xs_unwatch(self, handle: int, path: str, token: str):
+        self._xs(handle).call(lambda conn: conn.unwatch(path, token))
+        return ok_reply(), [], []
+
+    def op_map_foreign(self, gfn: int, count: int):
+        offset = self.domain.toolstack.map_foreign(gfn, count)
+        return ok_reply(offset=offset, length=count * abi.PAGE_SIZE), [self.domain.ram_fd], []
+
+    def op_map_grant_refs(self, refs: list[int]):
+        offsets = self.domain.toolstack.map_grant_refs(refs)
+        return ok_reply(offsets=offsets), [self.domain.ram_fd], []
+
+    def op_stats(self):
+        return ok_reply(**self.domain.toolstack.snapshot(), **self.domain.privcmd.counts), [], []
+
+    # --- the dom0 kernel's privcmd eventfd ioctls (fd: the request's eventfd,
+    # closed once the request is answered; PrivcmdEventfds keeps its own dup)
+
+    def op_privcmd_ioeventfd(self, id: int, ports: list[int], addr: int, addr_len: int, vq: int, flags: int, fd: int):
+        self.domain.privcmd.ioeventfd(self, id, ports, addr, addr_len, vq, flags, fd)
+        return ok_reply(), [], []
+
+    def op_privcmd_irqfd(self, irq: int, flags: int, fd: int):
+        self.domain.privcmd.irqfd(self, irq, flags, fd)
+        return ok_reply(), [], []
+
     def teardown(self) -> None:
         """The device model went away: its servers go (Xen would keep them and
         the vCPUs would hang; the simulator says 'device model gone')."""
         for server in list(self.domain.servers):
             if server is not None and server.client is self:
                 self.domain.destroy_server(server, "destroyed because its device model disconnected")
+        self.domain.privcmd.client_gone(self)  # its irqfds go too
         for device in list(self.devices.values()):
             device.close()
+        for xs in list(self.xs_handles.values()):  # their watches die with the connection
+            xs.close()
 
 
 class GuestAttachment:
@@ -1239,6 +1644,381 @@ class GuestAttachment:
                 access(vcpu, kind, size, addr, data)
 
         return on_readable
+
+
+# --- the dom0 kernel's privcmd eventfds -------------------------------------------
+
+VIRTIO_MMIO_QUEUE_NOTIFY = 0x50
+QUEUE_NOTIFY_VQ_MASK = 0xFFFF  # privcmd.c: the queue index is the low 16 bits written
+PRIVCMD_FLAG_DEASSIGN = 1  # PRIVCMD_IOEVENTFD_FLAG_DEASSIGN and PRIVCMD_IRQFD_FLAG_DEASSIGN
+IOEVENTFD_ADDR_LENS = (1, 2, 4, 8)  # "Vhost requires us to support length 1, 2, 4, and 8"
+_IOREQ_HEAD = struct.Struct("<QQII")  # addr, data, count, size
+
+
+def eventfd_identity(fd: int) -> int:
+    """Which eventfd ``fd`` is: every fd of one eventfd (dups, copies passed
+    over SCM_RIGHTS) gives the same number, as the kernel compares
+    eventfd_ctx pointers. fstat() cannot tell eventfds apart (they all share
+    one anonymous inode), so this reads ``eventfd-id`` from fdinfo; the id
+    stays unique while the simulator holds the eventfd. EINVAL when ``fd``
+    is not an eventfd, as eventfd_ctx_fdget() answers."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", encoding="utf-8", errors="replace") as f:
+            info = f.read()
+    except OSError as exc:
+        raise XenError(errno.EBADF, f"cannot inspect the file descriptor sent ({exc.strerror})") from None
+    is_eventfd = False
+    identity = None
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key == "eventfd-count":
+            is_eventfd = True
+        elif key == "eventfd-id":
+            identity = int(value.strip())
+    if not is_eventfd:
+        raise XenError(errno.EINVAL, "the file descriptor sent is not an eventfd")
+    if identity is None:
+        raise XenError(
+            errno.ENOSYS, "this host's kernel shows no eventfd-id in fdinfo: the simulator cannot tell eventfds apart"
+        )
+    return identity
+
+
+class HeldEventfd:
+    """The kernel's reference to an eventfd (eventfd_ctx_fdget): a dup of
+    the fd the request brought, closed when the registration goes."""
+
+    __slots__ = ("fd", "identity")
+
+    def __init__(self, fd: int, identity: int) -> None:
+        self.identity = identity
+        self.fd = os.dup(fd)
+
+    def signal(self) -> None:
+        """eventfd_signal(ctx, 1)."""
+        try:
+            os.eventfd_write(self.fd, 1)
+        except OSError as exc:  # only a counter at its maximum, on a nonblocking eventfd
+            log.warning("privcmd: cannot signal eventfd %d: %s", self.identity, exc)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class KernelIoeventfd:
+    """privcmd_kernel_ioeventfd: a QueueNotify write of ``vq`` at ``addr``
+    + 0x50, ``addr_len`` bytes wide, signals ``eventfd``."""
+
+    __slots__ = ("eventfd", "addr", "notify_addr", "addr_len", "vq")
+
+    def __init__(self, eventfd: HeldEventfd, addr: int, addr_len: int, vq: int) -> None:
+        self.eventfd = eventfd
+        self.addr = addr
+        self.notify_addr = (addr + VIRTIO_MMIO_QUEUE_NOTIFY) & U64_MAX
+        self.addr_len = addr_len
+        self.vq = vq
+
+
+class KernelIoreq:
+    """privcmd_kernel_ioreq: the kernel's hold on one ioreq server's page,
+    its handler on each vCPU's local port (``bindings``, vCPU order), and
+    its ioeventfds, matched first registered first. ``held`` maps a vCPU
+    whose slot the handler holds INPROCESS to the token of its pending
+    decision."""
+
+    __slots__ = ("server", "client", "bindings", "ioeventfds", "held")
+
+    def __init__(self, server: IoreqServer, client: "DmClient", bindings: list[Binding]) -> None:
+        self.server = server
+        self.client = client
+        self.bindings = bindings
+        self.ioeventfds: list[KernelIoeventfd] = []
+        self.held: dict[int, object] = {}
+
+
+class KernelIrqfd:
+    """privcmd_kernel_irqfd: each signal of ``eventfd`` issues the prepared
+    XEN_DMOP_set_irq_level(irq, 1). Watched by the poller (``fileno``)."""
+
+    __slots__ = ("domain", "client", "irq", "eventfd", "failing", "_buf")
+
+    def __init__(self, domain: Domain, client: "DmClient", irq: int, eventfd: HeldEventfd) -> None:
+        self.domain = domain
+        self.client = client
+        self.irq = irq
+        self.eventfd = eventfd
+        self.failing = False
+        self._buf = bytearray(8)
+
+    def fileno(self) -> int:
+        return self.eventfd.fd
+
+    def on_readable(self) -> None:
+        """irqfd_wakeup() -> irqfd_inject(): take the count, issue the dm_op."""
+        fd = self.eventfd.fd
+        try:
+            # Never block: the eventfd is shared with its owner, who may read it first.
+            os.preadv(fd, [self._buf], -1, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP or not select.select([fd], [], [], 0)[0]:
+                raise
+            os.read(fd, 8)  # a kernel without RWF_NOWAIT for eventfds
+        try:
+            self.domain.set_irq_level(self.irq, 1)
+            self.domain.privcmd.counts["kernel_irqs"] += 1
+        except XenError as exc:
+            if not self.failing:  # irqfd_inject() reports the first of a run of failures
+                log.error("privcmd: irqfd for irq %d: set_irq_level failed: %s", self.irq, exc)
+            self.failing = True
+        else:
+            self.failing = False
+
+
+class PrivcmdEventfds:
+    """IOCTL_PRIVCMD_IOEVENTFD and IOCTL_PRIVCMD_IRQFD as dom0's Linux
+    (>= 6.7, CONFIG_XEN_PRIVCMD_EVENTFD) does them; the module docstring
+    says what is modelled and where it departs from Linux."""
+
+    def __init__(self, domain: Domain, args: argparse.Namespace) -> None:
+        self.domain = domain
+        self.supported: bool = args.kernel_fast_path
+        self.hold: float = args.fast_path_hold_us / 1e6
+        self.ioreqs: dict[IoreqServer, KernelIoreq] = {}
+        # The ports with an ioeventfd handler: EvtchnDevice.deliver() runs it.
+        self.ports: dict[Binding, tuple[KernelIoreq, int]] = {}
+        self.irqfds: list[KernelIrqfd] = []
+        # What the fast path did instead of the device model (for op stats).
+        self.counts = {"kernel_kicks": 0, "kernel_irqs": 0}
+
+    def _check(self, ioctl: str, flags: int) -> bool:
+        """Whether the request deassigns (after the checks every request gets)."""
+        if not self.supported:
+            raise XenError(
+                errno.ENOTTY,
+                f"{ioctl}: this dom0 kernel has no privcmd eventfd support "
+                "(the simulator runs with --no-kernel-fast-path, like Linux before 6.7)",
+            )
+        if flags & ~PRIVCMD_FLAG_DEASSIGN:
+            raise XenError(errno.EINVAL, f"{ioctl}: flags {flags:#x} (only bit 0, DEASSIGN, is defined)")
+        return bool(flags & PRIVCMD_FLAG_DEASSIGN)
+
+    # --- IOCTL_PRIVCMD_IOEVENTFD
+
+    def ioeventfd(
+        self, client: "DmClient", server_id: int, ports: list[int], addr: int, addr_len: int, vq: int, flags: int, fd: int
+    ) -> None:
+        ioctl = "IOCTL_PRIVCMD_IOEVENTFD"
+        deassign = self._check(ioctl, flags)
+        server = self.domain.server(client, server_id)
+        if deassign:
+            identity = eventfd_identity(fd)
+            kioreq = self.ioreqs.get(server)
+            if kioreq is not None and len(ports) == len(kioreq.bindings):
+                for registration in kioreq.ioeventfds:
+                    if registration.eventfd.identity == identity:
+                        self._settle(kioreq)
+                        kioreq.ioeventfds.remove(registration)
+                        registration.eventfd.close()
+                        log.debug(
+                            "privcmd: ioeventfd %#x vq %d of ioreq server %d removed",
+                            registration.addr,
+                            registration.vq,
+                            server.id,
+                        )
+                        if not kioreq.ioeventfds:
+                            self._free_ioreq(kioreq)
+                        return
+            raise XenError(errno.ENODEV, f"{ioctl}: that eventfd is not assigned to ioreq server {server.id}")
+        if addr + addr_len > U64_MAX + 1:
+            raise XenError(errno.EINVAL, f"{ioctl}: addr {addr:#x} + addr_len {addr_len} overflows")
+        if addr_len not in IOEVENTFD_ADDR_LENS:
+            raise XenError(errno.EINVAL, f"{ioctl}: addr_len {addr_len} is not 1, 2, 4 or 8")
+        if not 1 <= len(ports) <= control.PRIVCMD_MAX_IOEVENTFD_VCPUS:
+            raise XenError(errno.EINVAL, f"{ioctl}: {len(ports)} vCPUs (1 to {control.PRIVCMD_MAX_IOEVENTFD_VCPUS})")
+        identity = eventfd_identity(fd)
+        kioreq = self.ioreqs.get(server)
+        if kioreq is not None:
+            if len(ports) != len(kioreq.bindings):
+                raise XenError(
+                    errno.EINVAL,
+                    f"{ioctl}: {len(ports)} vCPUs, but ioreq server {server.id}'s page is registered with "
+                    f"{len(kioreq.bindings)}",
+                )
+            if any(r.eventfd.identity == identity for r in kioreq.ioeventfds):
+                raise XenError(errno.EBUSY, f"{ioctl}: that eventfd is already assigned to ioreq server {server.id}")
+            if ports != [b.port for b in kioreq.bindings]:
+                raise XenError(
+                    errno.EINVAL,
+                    f"{ioctl}: ports {ports} differ from {[b.port for b in kioreq.bindings]}, with which ioreq "
+                    f"server {server.id}'s page is registered (Linux would keep using those)",
+                )
+            for r in kioreq.ioeventfds:
+                if r.addr == addr and r.vq == vq:
+                    raise XenError(
+                        errno.EEXIST,
+                        f"{ioctl}: queue {vq} of the device at {addr:#x} already has an ioeventfd on ioreq server "
+                        f"{server.id} (Linux would accept this one and never signal it)",
+                    )
+            bindings = kioreq.bindings
+        else:
+            bindings = self._vcpu_bindings(ioctl, client, server, ports)
+        registration = KernelIoeventfd(HeldEventfd(fd, identity), addr, addr_len, vq)
+        if kioreq is None:
+            kioreq = self.ioreqs[server] = KernelIoreq(server, client, bindings)
+            for vcpu, binding in enumerate(bindings):
+                self.ports[binding] = (kioreq, vcpu)
+        else:
+            self._settle(kioreq)
+        kioreq.ioeventfds.append(registration)
+        log.debug("privcmd: ioeventfd %#x vq %d on ioreq server %d (ports %s)", addr, vq, server.id, ports)
+
+    def _vcpu_bindings(self, ioctl: str, client: "DmClient", server: IoreqServer, ports: list[int]) -> list[Binding]:
+        """The binding behind each port, which must be this client's binding
+        of that vCPU's vp_eport of ``server``."""
+        nr_vcpus = self.domain.nr_vcpus
+        if len(ports) != nr_vcpus:
+            raise XenError(
+                errno.EINVAL, f"{ioctl}: {len(ports)} ports for the {nr_vcpus} vCPUs of domain {self.domain.domid}"
+            )
+        if not server.pages_allocated:
+            raise XenError(errno.EFAULT, f"{ioctl}: the ioreq page of ioreq server {server.id} was never mapped")
+        bindings = []
+        for vcpu, port in enumerate(ports):
+            gp = server.vcpu_ports[vcpu]
+            binding = self.domain.dom0_ports.get(port)
+            if binding is None or binding.device.client is not client or binding.remote is not gp:
+                bound = gp.bound
+                if bound is not None and bound.device.client is client:
+                    expected = f"port {bound.port}"
+                else:
+                    expected = "nothing on this connection"
+                raise XenError(
+                    errno.EINVAL,
+                    f"{ioctl}: port {port} (for vCPU {vcpu}) is not bound to ioreq server {server.id}'s vp_eport "
+                    f"{gp.port} of vCPU {vcpu} (bound there: {expected})",
+                )
+            bindings.append(binding)
+        return bindings
+
+    def port_interrupt(self, binding: Binding) -> None:
+        """ioeventfd_interrupt(): the port of one vCPU fired."""
+        kioreq, vcpu = self.ports[binding]
+        server = kioreq.server
+        mm = server.mm
+        off = server.ioreq_off + vcpu * abi.IOREQ_SIZE
+        flags = mm[off + OFF_FLAGS]
+        if flags & 0x0F != STATE_IOREQ_READY or flags & abi.FLAG_DIR_READ or mm[off + abi.OFF_TYPE] != TYPE_COPY:
+            return  # IRQ_NONE: not a write waiting to be taken
+        mm[off + OFF_FLAGS] = (flags & 0xF0) | STATE_INPROCESS
+        if self.hold <= 0:
+            self._decide(kioreq, vcpu)
+            return
+        token = kioreq.held[vcpu] = object()
+        self.domain.poller.call_later(self.hold, lambda: self._release(kioreq, vcpu, token))
+
+    def _release(self, kioreq: KernelIoreq, vcpu: int, token: object) -> None:
+        if kioreq.held.get(vcpu) is token:  # not settled or dropped meanwhile
+            del kioreq.held[vcpu]
+            self._decide(kioreq, vcpu)
+
+    def _settle(self, kioreq: KernelIoreq) -> None:
+        """Decide every held slot now, before the registrations change (the
+        kernel decides under the lock that assign and deassign take)."""
+        while kioreq.held:
+            vcpu = next(iter(kioreq.held))
+            del kioreq.held[vcpu]
+            self._decide(kioreq, vcpu)
+
+    def _decide(self, kioreq: KernelIoreq, vcpu: int) -> None:
+        server = kioreq.server
+        mm = server.mm
+        off = server.ioreq_off + vcpu * abi.IOREQ_SIZE
+        addr, data, _count, size = _IOREQ_HEAD.unpack_from(mm, off)
+        state = STATE_IOREQ_READY
+        vq = data & QUEUE_NOTIFY_VQ_MASK
+        for registration in kioreq.ioeventfds:
+            if addr == registration.notify_addr and size == registration.addr_len and vq == registration.vq:
+                registration.eventfd.signal()
+                state = STATE_IORESP_READY
+                self.counts["kernel_kicks"] += 1
+                break
+        mm[off + OFF_FLAGS] = (mm[off + OFF_FLAGS] & 0xF0) | state
+        if state == STATE_IORESP_READY:
+            remote = kioreq.bindings[vcpu].remote
+            if remote is not None:  # notify_remote_via_evtchn(): as a device model's notify
+                self.domain.guest_port_notified(remote)
+
+    def _free_ioreq(self, kioreq: KernelIoreq) -> None:
+        """ioreq_free(): unhook the port handlers; drop held decisions and
+        the eventfds left."""
+        self.ioreqs.pop(kioreq.server, None)
+        for binding in kioreq.bindings:
+            self.ports.pop(binding, None)
+        kioreq.held.clear()
+        for registration in kioreq.ioeventfds:
+            registration.eventfd.close()
+        kioreq.ioeventfds.clear()
+
+    # --- IOCTL_PRIVCMD_IRQFD
+
+    def irqfd(self, client: "DmClient", irq: int, flags: int, fd: int) -> None:
+        ioctl = "IOCTL_PRIVCMD_IRQFD"
+        deassign = self._check(ioctl, flags)
+        identity = eventfd_identity(fd)
+        if deassign:
+            for irqfd in self.irqfds:
+                if irqfd.eventfd.identity == identity:
+                    self._free_irqfd(irqfd)
+                    log.debug("privcmd: irqfd for irq %d removed", irqfd.irq)
+                    return
+            raise XenError(errno.ENOENT, f"{ioctl}: that eventfd has no irqfd (Linux would return 0)")
+        if self.domain.arch == "x86":
+            raise XenError(
+                errno.EINVAL, f"{ioctl}: XEN_DMOP_set_irq_level is Arm only; the prepared dm_op would always fail"
+            )
+        last = NR_LOCAL_IRQS + self.domain.nr_spis - 1
+        if not NR_LOCAL_IRQS <= irq <= last:
+            raise XenError(
+                errno.EINVAL,
+                f"{ioctl}: irq {irq} is not an SPI of domain {self.domain.domid} (valid: {NR_LOCAL_IRQS} to {last})",
+            )
+        if any(irqfd.eventfd.identity == identity for irqfd in self.irqfds):
+            raise XenError(errno.EBUSY, f"{ioctl}: that eventfd already has an irqfd")
+        irqfd = KernelIrqfd(self.domain, client, irq, HeldEventfd(fd, identity))
+        self.irqfds.append(irqfd)
+        # Level triggered: a count already there is injected at once, as
+        # privcmd_irqfd_assign() does when vfs_poll() finds EPOLLIN.
+        self.domain.poller.add(irqfd, irqfd.on_readable)
+        log.debug("privcmd: irqfd for irq %d", irq)
+
+    def _free_irqfd(self, irqfd: KernelIrqfd) -> None:
+        self.irqfds.remove(irqfd)
+        self.domain.poller.remove(irqfd)
+        irqfd.eventfd.close()
+
+    # --- lifetime
+
+    def server_gone(self, server: IoreqServer) -> None:
+        kioreq = self.ioreqs.get(server)
+        if kioreq is not None:
+            self._free_ioreq(kioreq)
+            log.debug("privcmd: the ioeventfds of ioreq server %d went with it", server.id)
+
+    def client_gone(self, client: "DmClient") -> None:
+        for kioreq in [k for k in self.ioreqs.values() if k.client is client]:
+            self._free_ioreq(kioreq)
+        for irqfd in [i for i in self.irqfds if i.client is client]:
+            self._free_irqfd(irqfd)
+
+    def close(self) -> None:
+        for kioreq in list(self.ioreqs.values()):
+            self._free_ioreq(kioreq)
+        for irqfd in list(self.irqfds):
+            self._free_irqfd(irqfd)
 
 
 # --- the control socket ---------------------------------------------------------
@@ -1365,7 +2145,7 @@ class Simulator:
 
     async def _dm_requests(self, sock, client: DmClient) -> None:
         while True:
-            received = await control.trio_recv_message(sock, max_fds=0)
+            received = await control.trio_recv_message(sock, max_fds=control.MAX_REQUEST_FDS)
             if received is None:
                 return
             request = received.message
@@ -1377,6 +2157,9 @@ class Simulator:
                 op, args = control.validate_request(request)
                 if op == "hello":
                     raise ProtocolError("hello was already said on this connection")
+                control.check_request_fds(op, received.fds)
+                if received.fds:  # control.REQUEST_FDS: the op's one fd
+                    args["fd"] = received.fds[0]
                 client.drain_devices()
                 reply, fds, to_close = client.dispatch(op, args)
             except ProtocolError as exc:
@@ -1386,6 +2169,9 @@ class Simulator:
             except Exception as exc:  # a simulator bug must not take the domain down
                 log.exception("internal error serving %r", request)
                 reply = error_reply(f"internal simulator error: {type(exc).__name__}: {exc}", errno.EIO)
+            # Closed before the reply, as an ioctl drops its fd before it
+            # returns; a handler dups what it keeps.
+            control.close_fds(received.fds)
             try:
                 await self._reply(sock, reply, request, fds)
             finally:
@@ -1419,9 +2205,7 @@ class Simulator:
                     received = await control.trio_recv_message(sock, max_fds=0)
                     if received is None:
                         break
-                    await self._reply(
-                        sock, error_reply("the guest connection takes no requests after hello", errno.EBADMSG), received.message
-                    )
+                    await self._reply(sock, self._guest_request(received), received.message)
                 nursery.cancel_scope.cancel()
         finally:
             domain.guest = None
@@ -1432,6 +2216,24 @@ class Simulator:
                 vcpu.answer_due = False
             guest.close()
             log.info("guest detached")
+
+    def _guest_request(self, received: control.Received) -> dict:
+        """The reply to one request on the guest's connection after hello:
+        the guest-role ops (device tree, grant table)."""
+        try:
+            if received.error is not None:
+                raise ProtocolError(received.error)
+            op, args = control.validate_request(received.message)
+            if op == "hello":
+                raise ProtocolError("hello was already said on this connection")
+            return self.domain.toolstack.guest_op(op, args)
+        except ProtocolError as exc:
+            return error_reply(str(exc), errno.EBADMSG)
+        except XenError as exc:
+            return error_reply(str(exc), exc.errno)
+        except Exception as exc:  # a simulator bug must not take the domain down
+            log.exception("internal error serving the guest's %r", received.message)
+            return error_reply(f"internal simulator error: {type(exc).__name__}: {exc}", errno.EIO)
 
 
 def _claim_socket_path(path: str) -> None:
@@ -1510,6 +2312,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="refuse MMIO ranges that overlap another ioreq server's (Xen accepts them)",
     )
+    parser.add_argument(
+        "--no-kernel-fast-path",
+        dest="kernel_fast_path",
+        action="store_false",
+        help="model a dom0 kernel without privcmd ioeventfd/irqfd (Linux before 6.7): both ioctls fail with ENOTTY",
+    )
+    parser.add_argument(
+        "--fast-path-hold-us",
+        type=float,
+        default=200.0,
+        metavar="MICROSECONDS",
+        help="how long the kernel's ioeventfd handler holds a guest write INPROCESS before it completes it or "
+        "hands it back as IOREQ_READY; 0 decides at once (default: 200)",
+    )
+    parser.add_argument(
+        "--virtio",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a virtio-mmio device as xl.cfg's virtio=[...] names it: type=virtio,device<hex id>[,grant_usage=0|1]"
+        "[,backend=<domid>], or blk, gpu, fs, net; repeatable. libxl's layout: device i at 0x2000000 + 0x200*i, SPI 33+i",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v: info, -vv: debug)")
     args = parser.parse_args(argv)
     if not 1 <= args.vcpus <= GUEST_MAX_VCPUS:
@@ -1529,6 +2353,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--vcpu-timeout must be positive")
     if not 1 <= args.nr_spis <= MAX_NR_SPIS:
         parser.error(f"--nr-spis {args.nr_spis}: a vGIC has 1 to {MAX_NR_SPIS} SPIs")
+    if not 0 <= args.fast_path_hold_us <= 1e6:
+        parser.error(f"--fast-path-hold-us {args.fast_path_hold_us:g}: 0 to 1000000 microseconds")
+    try:
+        args.virtio_devices = sim_xenstore.plan_virtio_devices(sim_xenstore.parse_virtio_spec(s) for s in args.virtio)
+    except sim_xenstore.VirtioSpecError as exc:
+        parser.error(f"--virtio {exc}")
+    for device in args.virtio_devices:
+        if device.backend_domid == args.domid:
+            parser.error(f"--virtio: device {device.devid} names the guest (domain {args.domid}) as its own backend")
+        if device.irq > NR_LOCAL_IRQS + args.nr_spis - 1:
+            parser.error(f"--virtio: device {device.devid} needs SPI {device.irq}, beyond --nr-spis {args.nr_spis}")
     return args
 
 
