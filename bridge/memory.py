@@ -9,9 +9,13 @@
   what lets an unmodified daemon serve a guest whose RAM is not a file, and
   bounds what a daemon can see to the buffers in flight.
 
-Both use :class:`GuestRamMap`, the bridge's own mapping of guest RAM: for
-passthrough it provides the user addresses of the region table; for shadow
-the reads and writes of guest rings and buffers.
+Passthrough uses :class:`GuestRamMap`, the bridge's own mapping of every
+RAM bank, for the user addresses of the region table. Shadow reads and
+writes guest rings and buffers through any object with ``read``, ``write``
+and ``check_range`` of the same contract: on Xen (and by default in the
+simulator) that is :class:`bridge.guest_pages.MappedGuestMemory`, which maps
+only the pages it touches. Each memory model owns, and closes, its guest
+memory.
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ class PassthroughMemory:
         ]
 
     def close(self) -> None:
-        pass
+        self.ram.close()
 
 
 class ShadowMemory:
@@ -111,7 +115,7 @@ class ShadowMemory:
 
     mode = "shadow"
 
-    def __init__(self, ram: GuestRamMap, arena_size: int) -> None:
+    def __init__(self, ram, arena_size: int) -> None:
         self.ram = ram
         self.arena = Arena(arena_size)
         self.arena_user_addr = address_of(self.arena.buf)
@@ -123,6 +127,7 @@ class ShadowMemory:
 
     def close(self) -> None:
         self.arena.close()
+        self.ram.close()
 
 
 def address_of(buffer) -> int:
