@@ -60,6 +60,7 @@ from bridge.virtio_mmio import (
 )
 from vhost_user.frontend import RingSetup, VhostUserFrontend
 from vhost_user.protocol import ProtocolFeature, VhostUserError
+from xen.fast_path import KernelFastPath
 from xen.hypervisor import Hypervisor, HypervisorError
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class VhostUserDevice:
         socket_path: str,
         irq: int,
         memory: PassthroughMemory | ShadowMemory,
+        base: int = 0,
         queue_size: int = 256,
         timeout: float = 5.0,
     ) -> None:
@@ -93,6 +95,9 @@ class VhostUserDevice:
         self.type = device_type
         self.socket_path = socket_path
         self.irq = irq
+        self.base = base
+        self.fast_path: KernelFastPath | None = None
+        """The ioreq server's, once it serves; None: relay everything."""
         self.memory = memory
         self.queue_size = queue_size
         self.timeout = timeout
@@ -108,6 +113,9 @@ class VhostUserDevice:
         # Shadow memory only: index -> that ring's shadow virtqueue.
         self._shadow: dict[int, ShadowVirtqueue] = {}
         self._shadow_by_ring: list[ShadowVirtqueue | None] = []
+        # Shadow memory with the kernel fast path: index -> the eventfd the
+        # kernel signals for the guest's QueueNotify (ours, not the daemon's).
+        self._guest_kicks: dict[int, int] = {}
 
     # --- life of the device --------------------------------------------
 
@@ -364,9 +372,9 @@ class VhostUserDevice:
         # still being told about them: an eventfd keeps its count until the
         # daemon polls it, so no QueueNotify from another vCPU is lost.
         self._publish_kicks()
-        await self.frontend.start(self.model.driver_features, self.memory.regions, rings)
         for ring in rings:
-            self._nursery.start_soon(self._relay_calls, ring.index, ring.call_fd)
+            self._attach(ring)
+        await self.frontend.start(self.model.driver_features, self.memory.regions, rings)
         log.info("virtio-%s started: features %#x, rings %s", self.type.name, self.model.driver_features,
                  [r.index for r in rings])
 
@@ -401,8 +409,56 @@ class VhostUserDevice:
     async def _start_queue(self, index: int) -> None:
         ring = self._ring_setup(index)
         self._publish_kicks()
+        self._attach(ring)
         await self.frontend.start_ring(ring)
-        self._nursery.start_soon(self._relay_calls, ring.index, ring.call_fd)
+
+    def _attach(self, ring: RingSetup) -> None:
+        """Route one ring's kicks and calls: through the kernel where it can
+        (the ioreq loop and this process then never see them), else through
+        this process."""
+        index = ring.index
+        fast = self.fast_path
+        kicks_in_kernel = irq_in_kernel = False
+        if fast is not None and fast.enabled:
+            if self.memory.mode == "shadow":
+                # The bridge must see the guest's kicks to copy chains into
+                # the shadow ring, but the kernel can still complete the
+                # guest's write at once and leave the copy to this process.
+                guest_kick = os.eventfd(0, _EFD_FLAGS)
+                kicks_in_kernel = fast.assign_kick(self.base, index, guest_kick)
+                if kicks_in_kernel:
+                    self._guest_kicks[index] = guest_kick
+                    self._nursery.start_soon(self._relay_guest_kicks, index, guest_kick)
+                else:
+                    os.close(guest_kick)
+            else:
+                kicks_in_kernel = fast.assign_kick(self.base, index, ring.kick_fd)
+                # The daemon's completions can go straight to the guest only
+                # when the bridge has nothing to copy back.
+                irq_in_kernel = fast.assign_irq(self.irq, ring.call_fd)
+        if irq_in_kernel:
+            self.model.vring_irq_in_kernel = True
+        else:
+            self._nursery.start_soon(self._relay_calls, index, ring.call_fd)
+        log.info(
+            "virtio-%s queue %d: kicks %s, interrupts %s", self.type.name, index,
+            "taken by the kernel (ioeventfd)" if kicks_in_kernel else "relayed by the bridge",
+            "raised by the kernel (irqfd)" if irq_in_kernel else "raised by the bridge",
+        )
+
+    async def _relay_guest_kicks(self, index: int, fd: int) -> None:
+        """Shadow memory: the kernel took the guest's QueueNotify; move its
+        chains to the shadow ring."""
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    continue
+                self._shadow_kick(index)
+        except (trio.ClosedResourceError, OSError):
+            return  # the ring was stopped and its fd closed
 
     async def _relay_calls(self, index: int, call_fd: int) -> None:
         """The daemon's call eventfd for one ring -> a used-buffer interrupt."""
@@ -422,9 +478,14 @@ class VhostUserDevice:
 
     def _close_ring(self, index: int) -> None:
         kick, call = self._rings.pop(index)
-        for fd in (kick, call):
+        guest_kick = self._guest_kicks.pop(index, None)
+        for fd in (kick, call) if guest_kick is None else (kick, call, guest_kick):
+            if self.fast_path is not None:
+                self.fast_path.release(fd)  # before the close: the kernel finds it by its eventfd
             trio.lowlevel.notify_closing(fd)
             os.close(fd)
+        if not self._rings:
+            self.model.vring_irq_in_kernel = False
         shadow = self._shadow.pop(index, None)
         if shadow is not None:
             if shadow.in_flight:

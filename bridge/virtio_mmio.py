@@ -597,6 +597,10 @@ class VirtioMmioModel:
         self._shm_sel = 0
         self._interrupt_status = 0
 
+        self.vring_irq_in_kernel = False
+        """Set by the device while the kernel's irqfd raises used-buffer
+        interrupts: InterruptStatus then always shows INT_VRING."""
+
     # ------------------------------------------------------------ device side
 
     @property
@@ -804,6 +808,11 @@ class VirtioMmioModel:
         return 1 if q is not None and q.ready else 0
 
     def _read_interrupt_status(self) -> int:
+        if self.vring_irq_in_kernel and self._status & _DRIVER_OK:
+            # The kernel raises used-buffer interrupts (irqfd) without telling
+            # us: say a vring interrupt may be pending, so the driver always
+            # looks at its used rings (a spurious look costs nothing).
+            return self._interrupt_status | INT_VRING
         return self._interrupt_status
 
     def _read_status(self) -> int:

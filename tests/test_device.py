@@ -193,3 +193,65 @@ async def test_a_kick_during_the_start_sequence_is_not_lost(device, nursery):
     await done.wait()
     kick, _call = dev.frontend.started[0][2][0]
     assert os.eventfd_read(kick) == 1
+
+
+class RecordingFastPath:
+    """KernelFastPath's interface, recording what the device registers; the
+    fds it keeps are checked to be open at release time, as the kernel finds
+    a registration by its eventfd."""
+
+    def __init__(self, *, kicks: bool = True, irqs: bool = True) -> None:
+        self.enabled = True
+        self.take_kicks, self.take_irqs = kicks, irqs
+        self.kicks: dict[int, tuple[int, int]] = {}
+        self.irqs: dict[int, int] = {}
+        self.released: list[int] = []
+
+    def assign_kick(self, base: int, vq: int, fd: int) -> bool:
+        if self.take_kicks:
+            self.kicks[fd] = (base, vq)
+        return self.take_kicks
+
+    def assign_irq(self, irq: int, fd: int) -> bool:
+        if self.take_irqs:
+            self.irqs[fd] = irq
+        return self.take_irqs
+
+    def release(self, fd: int) -> None:
+        os.fstat(fd)  # still open
+        self.released.append(fd)
+        self.kicks.pop(fd, None)
+        self.irqs.pop(fd, None)
+
+
+async def test_the_kernel_takes_the_daemons_kick_and_call_fds_in_passthrough(device):
+    dev, xen = device
+    dev.base = 0x0200_0000
+    dev.fast_path = fast = RecordingFastPath()
+    await drive_to_driver_ok(dev)
+    kick, call = dev.frontend.started[0][2][0]
+    assert fast.kicks == {kick: (0x0200_0000, 0)}
+    assert fast.irqs == {call: IRQ}
+    # The kernel raises the interrupt; the bridge must not also read the call fd.
+    os.eventfd_write(call, 1)
+    await trio.sleep(0.02)
+    assert xen.levels == []
+    assert os.eventfd_read(call) == 1  # still there for the kernel
+    # InterruptStatus stays truthful without ever hearing of the call.
+    assert dev.mmio_read(vm.INTERRUPT_STATUS, 4) == vm.INT_VRING
+    await dev.mmio_write(vm.STATUS, 4, 0)
+    assert sorted(fast.released) == sorted([kick, call]) and not fast.kicks and not fast.irqs
+    assert dev.mmio_read(vm.INTERRUPT_STATUS, 4) == 0
+
+
+async def test_without_irqfd_the_bridge_relays_calls_itself(device):
+    dev, xen = device
+    dev.fast_path = RecordingFastPath(irqs=False)
+    await drive_to_driver_ok(dev)
+    _kick, call = dev.frontend.started[0][2][0]
+    os.eventfd_write(call, 1)
+    with trio.fail_after(5):
+        while xen.levels != [1]:
+            await trio.sleep(0.001)
+    dev.mmio_write(vm.INTERRUPT_ACK, 4, vm.INT_VRING)
+    assert dev.mmio_read(vm.INTERRUPT_STATUS, 4) == 0

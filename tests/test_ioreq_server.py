@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from xen import abi
-from xen.hypervisor import EventChannel, Hypervisor, IoreqPages
+from xen.hypervisor import EventChannel, FastPathUnsupported, Hypervisor, IoreqPages
 from xen.ioreq_server import IoreqServer, MmioRouter
 
 DOMID = 7
@@ -76,6 +76,7 @@ class FakeXen(Hypervisor):
         self.evtchn = FakeEventChannel()
         self.calls: list[tuple] = []
         self.enabled = False
+        self.fast_path_supported = True
 
     def nr_vcpus(self) -> int:
         return self.vcpus
@@ -110,6 +111,25 @@ class FakeXen(Hypervisor):
 
     def guest_ram(self):
         return None
+
+    def guest_ram_layout(self):
+        return []
+
+    def map_guest_pages(self, gfn, count):
+        raise NotImplementedError
+
+    def ioeventfd(self, pages, ports, *, base, vq, fd, assign=True) -> None:
+        if not self.fast_path_supported:
+            raise FastPathUnsupported("ENOTTY")
+        self.calls.append(("ioeventfd", list(ports), base, vq, fd, assign))
+
+    def irqfd(self, *, irq, fd, assign=True) -> None:
+        if not self.fast_path_supported:
+            raise FastPathUnsupported("ENOTTY")
+        self.calls.append(("irqfd", irq, fd, assign))
+
+    def xenstore(self):
+        raise NotImplementedError
 
     def close(self) -> None:
         pass
@@ -226,14 +246,64 @@ async def test_invalidate_is_completed_without_touching_devices(served):
     assert regs.writes == [] and server.errors.count == 0
 
 
-async def test_a_slot_that_is_not_ready_is_left_alone(served):
-    xen, _regs, _server = served
-    xen.post(0, addr=BASE, size=4, is_read=True)
-    # the kernel fast path may hold a slot INPROCESS: a spurious event must not touch it
-    xen.page[abi.OFF_FLAGS] = (xen.page[abi.OFF_FLAGS] & 0xF0) | abi.IoreqState.INPROCESS
-    await trio.sleep(0.05)
-    assert xen.slot(0).state == abi.IoreqState.INPROCESS
-    assert xen.evtchn.notified == []
+def kernel_takes(xen: FakeXen, vcpu: int) -> None:
+    """What the kernel's fast path does first with the slot of a posted
+    access: it holds it INPROCESS while it decides."""
+    off = vcpu * 32 + abi.OFF_FLAGS
+    xen.page[off] = (xen.page[off] & 0xF0) | abi.IoreqState.INPROCESS
+
+
+async def test_a_slot_the_kernel_completes_is_left_alone(served):
+    xen, regs, _server = served
+    xen.post(0, addr=BASE + 0x50, size=4, is_read=False, data=0)
+    kernel_takes(xen, 0)
+    await trio.sleep(0.02)
+    assert xen.slot(0).state == abi.IoreqState.INPROCESS  # still deciding: untouched
+    off = abi.OFF_FLAGS
+    xen.page[off] = (xen.page[off] & 0xF0) | abi.IoreqState.IORESP_READY  # a registered kick
+    await trio.sleep(0.02)
+    assert regs.writes == [] and xen.evtchn.notified == []
+
+
+async def test_a_slot_the_kernel_hands_back_is_served(served):
+    """The kernel held the slot when the event arrived, then found no
+    registered kick and set it back to IOREQ_READY without a new event."""
+    xen, regs, _server = served
+    xen.post(1, addr=BASE + 0x50, size=4, is_read=False, data=3)
+    kernel_takes(xen, 1)
+    await trio.sleep(0.01)
+    assert regs.writes == []
+    off = 32 + abi.OFF_FLAGS
+    xen.page[off] = (xen.page[off] & 0xF0) | abi.IoreqState.IOREQ_READY
+    await until_completed(xen, 1)
+    assert regs.writes == [(0x50, 4, 3)]
+    assert xen.evtchn.notified == [LOCAL_PORT_BASE + 1]
+
+
+async def test_the_fast_path_is_set_up_and_removed_with_the_server():
+    xen = FakeXen(vcpus=2)
+    router = MmioRouter()
+    router.add(BASE, 0x200, Registers())
+    async with trio.open_nursery() as nursery:
+        server = IoreqServer(xen, router)
+        await nursery.start(server.serve)
+        ports = [LOCAL_PORT_BASE, LOCAL_PORT_BASE + 1]
+        assert server.fast_path.assign_kick(BASE, 0, 99)
+        assert server.fast_path.assign_irq(33, 98)
+        assert xen.calls[-2:] == [("ioeventfd", ports, BASE, 0, 99, True), ("irqfd", 33, 98, True)]
+        nursery.cancel_scope.cancel()
+    # Removed first, before the ranges, ports and server go.
+    assert xen.calls[-5:-3] == [("ioeventfd", ports, BASE, 0, 99, False), ("irqfd", 33, 98, False)]
+    assert xen.calls[-3][0] == "unmap"
+
+
+async def test_an_old_kernel_turns_the_fast_path_off_once(served):
+    xen, _regs, server = served
+    xen.fast_path_supported = False
+    assert not server.fast_path.assign_kick(BASE, 0, 99)
+    xen.fast_path_supported = True
+    assert not server.fast_path.assign_irq(33, 98)  # not asked again
+    assert not [c for c in xen.calls if c[0] in ("ioeventfd", "irqfd")]
 
 
 async def test_a_slow_access_holds_only_its_own_vcpu(served):

@@ -687,6 +687,24 @@ def test_two_completions_close_together_are_both_noticed():
     assert wr(m, vm.INTERRUPT_ACK, status) == (InterruptAck(vm.INT_CONFIG),)
 
 
+def test_with_the_kernel_raising_vring_interrupts_interrupt_status_always_shows_them():
+    """irqfd: the daemon's call raises the SPI in the kernel and the model
+    never hears of it; the driver must still look at its used rings."""
+    m = make()
+    m.vring_irq_in_kernel = True
+    assert rd(m, vm.INTERRUPT_STATUS) == 0  # no driver yet: nothing to report
+    m = running()
+    m.vring_irq_in_kernel = True
+    assert rd(m, vm.INTERRUPT_STATUS) == vm.INT_VRING
+    assert wr(m, vm.INTERRUPT_ACK, vm.INT_VRING) == (InterruptAck(0),)  # nothing latched: the line may stay low
+    assert rd(m, vm.INTERRUPT_STATUS) == vm.INT_VRING
+    m.raise_interrupt(vm.INT_CONFIG)
+    assert rd(m, vm.INTERRUPT_STATUS) == vm.INT_VRING | vm.INT_CONFIG
+    assert wr(m, vm.INTERRUPT_ACK, vm.INT_VRING | vm.INT_CONFIG) == (InterruptAck(0),)
+    m.vring_irq_in_kernel = False
+    assert rd(m, vm.INTERRUPT_STATUS) == 0
+
+
 def test_interrupt_ack_with_undefined_bits_is_rejected():
     m = running()
     m.raise_interrupt(vm.INT_VRING)

@@ -16,6 +16,13 @@ has to talk to its daemon): the slot then stays INPROCESS, the vCPU keeps
 waiting in Xen, and the loop goes on serving the other vCPUs until the
 awaitable finishes and the slot is completed.
 
+With the kernel fast path (``xen.fast_path``) the kernel's handler and this
+loop are woken by the same event. The kernel holds the slot INPROCESS while
+it decides whether the access is a registered kick; when it is not, it puts
+the slot back to IOREQ_READY and sends no second event. So a slot found
+INPROCESS that this loop does not hold is looked at again until it settles,
+rather than skipped and lost.
+
 Python gives no explicit memory barriers; the state byte is written last
 with a single store, and every hand-over to or from Xen goes through a
 system call (event-channel read, notify), which orders the accesses around
@@ -33,11 +40,19 @@ from typing import Protocol
 import trio
 
 from xen import abi
+from xen.fast_path import KernelFastPath
 from xen.hypervisor import EventChannel, Hypervisor, HypervisorError, IoreqPages
 
 log = logging.getLogger(__name__)
 
 _U64 = struct.Struct("<Q")
+
+RECHECK_YIELDS = 8
+"""Scheduler turns to wait for a slot someone else holds INPROCESS before
+sleeping between looks."""
+RECHECK_INTERVAL = 0.0002
+RECHECK_LIMIT = 1.0
+"""Seconds after which a slot still held by someone else is reported."""
 
 
 class MmioHandler(Protocol):
@@ -108,9 +123,13 @@ class RateLimitedLog:
 class IoreqServer:
     """Serves one domain's ioreqs for the windows in ``router``."""
 
-    def __init__(self, hypervisor: Hypervisor, router: MmioRouter) -> None:
+    def __init__(self, hypervisor: Hypervisor, router: MmioRouter, *, fast_path: bool = True) -> None:
         self.hv = hypervisor
         self.router = router
+        self.fast_path_wanted = fast_path
+        self.fast_path: KernelFastPath | None = None
+        """Set once serving; the devices register their kicks and
+        interrupts with it."""
         self.server_id: int | None = None
         self.nr_vcpus = 0
         self.completed = 0
@@ -121,6 +140,8 @@ class IoreqServer:
         self._port_vcpu: dict[int, int] = {}
         self._vcpu_port: list[int] = []
         self._nursery: trio.Nursery | None = None
+        self._held: set[int] = set()  # vCPUs whose slot we hold INPROCESS
+        self._rechecking: set[int] = set()
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Set the server up in Xen, report started, serve until cancelled,
@@ -151,6 +172,7 @@ class IoreqServer:
             local = self._evtchn.bind_interdomain(hv.domid, remote)
             self._port_vcpu[local] = vcpu
             self._vcpu_port.append(local)
+        self.fast_path = KernelFastPath(hv, self._pages, self._vcpu_port, enabled=self.fast_path_wanted)
         for base, size in self.router.windows():
             hv.map_mmio_range(self.server_id, base, base + size - 1)
         log.debug("ioreq server %d for domain %d: %d vCPUs, ports %s", self.server_id, hv.domid, self.nr_vcpus, self._vcpu_port)
@@ -158,6 +180,8 @@ class IoreqServer:
     def _teardown(self) -> None:
         hv = self.hv
         steps = []
+        if self.fast_path is not None:
+            steps.append(("remove fast-path registrations", self.fast_path.close))
         if self.server_id is not None:
             sid = self.server_id
             steps += [(f"unmap {b:#x}", lambda b=b, s=s: hv.unmap_mmio_range(sid, b, b + s - 1)) for b, s in self.router.windows()]
@@ -183,8 +207,10 @@ class IoreqServer:
         self._evtchn = None
         self._pages = None
         self._page = None
+        self.fast_path = None
         self._port_vcpu.clear()
         self._vcpu_port.clear()
+        self._held.clear()
 
     # --- the loop -------------------------------------------------------
 
@@ -208,8 +234,12 @@ class IoreqServer:
         page = self._page
         off = vcpu * abi.IOREQ_SIZE
         flags = page[off + abi.OFF_FLAGS]
-        if flags & abi.STATE_MASK != abi.IoreqState.IOREQ_READY:
-            return  # spurious, or a slot someone else (the kernel) holds
+        state = flags & abi.STATE_MASK
+        if state != abi.IoreqState.IOREQ_READY:
+            if state == abi.IoreqState.INPROCESS and vcpu not in self._held and vcpu not in self._rechecking:
+                self._rechecking.add(vcpu)
+                self._nursery.start_soon(self._recheck, vcpu, port)
+            return  # spurious, or a slot the kernel holds for now
         page[off + abi.OFF_FLAGS] = (flags & ~abi.STATE_MASK) | abi.IoreqState.INPROCESS
         addr, data, count, size, _eport, _pad, flags, type_ = abi.IOREQ_STRUCT.unpack_from(page, off)
         is_read = bool(flags & abi.FLAG_DIR_READ)
@@ -220,7 +250,35 @@ class IoreqServer:
         if result is None or type(result) is int:
             self._complete(vcpu, port, is_read, size, result)
         else:
+            self._held.add(vcpu)
             self._nursery.start_soon(self._complete_later, vcpu, port, addr, size, is_read, result)
+
+    async def _recheck(self, vcpu: int, port: int) -> None:
+        """Look at a slot someone else holds until it is completed (the
+        kernel took the access) or handed back (it is ours)."""
+        off = vcpu * abi.IOREQ_SIZE + abi.OFF_FLAGS
+        deadline = trio.current_time() + RECHECK_LIMIT
+        try:
+            turns = 0
+            while True:
+                await trio.sleep(0 if turns < RECHECK_YIELDS else RECHECK_INTERVAL)
+                turns += 1
+                page = self._page
+                if page is None or vcpu in self._held:
+                    return
+                state = page[off] & abi.STATE_MASK
+                if state == abi.IoreqState.IOREQ_READY:
+                    self._rechecking.discard(vcpu)
+                    self._service(vcpu, port)
+                    return
+                if state != abi.IoreqState.INPROCESS:
+                    return  # the kernel completed it
+                if trio.current_time() > deadline:
+                    log.warning("vCPU %d: its ioreq slot has been INPROCESS for %g s and this server does not "
+                                "hold it", vcpu, RECHECK_LIMIT)
+                    return
+        finally:
+            self._rechecking.discard(vcpu)
 
     def _emulate(self, vcpu, addr, data, count, size, flags, type_, is_read):
         if type_ == abi.IoreqType.COPY and count == 1 and not flags & abi.FLAG_DATA_IS_PTR:
@@ -261,6 +319,7 @@ class IoreqServer:
         page = self._page
         if page is None:
             return  # torn down while a deferred access was finishing
+        self._held.discard(vcpu)
         off = vcpu * abi.IOREQ_SIZE
         if is_read:
             _U64.pack_into(page, off + abi.OFF_DATA, (result or 0) & 0xFFFFFFFFFFFFFFFF)
