@@ -15,25 +15,24 @@ import sys
 import trio
 
 from bridge.app import BridgeConfig, run_bridge
+from bridge.guest_pages import DEFAULT_MAX_BYTES
 from bridge.device import DeviceSetupError
+from bridge.discovery import DiscoveryError
 from bridge.device_types import DEVICE_TYPES
 from bridge.memory import MODES
 from bridge.split_ring import is_valid_queue_size
 from vhost_user.protocol import VhostUserError
 from xen.hypervisor import HypervisorError
+from xen.xenstore import XenStoreError
 
 PROG = "xen-vhost-bridge"
 
-# Xen on Arm: libxl puts the first virtio-mmio window at 0x02000000 (0x200
-# each) and hands out SPIs from 33.
-DEFAULT_MMIO_BASE = 0x02000000
-DEFAULT_IRQ = 33
 MIN_SPI, MAX_SPI = 32, 987
 EXIT_USER_ERROR = 1
 
 # What a user can get wrong (or the environment), as opposed to a bug in the
 # bridge, which keeps its traceback.
-USER_ERRORS = (HypervisorError, VhostUserError, DeviceSetupError, OSError)
+USER_ERRORS = (HypervisorError, VhostUserError, DeviceSetupError, DiscoveryError, XenStoreError, OSError)
 
 
 def _int(text: str) -> int:
@@ -61,6 +60,13 @@ def _irq(text: str) -> int:
     value = _int(text)
     if not MIN_SPI <= value <= MAX_SPI:
         raise argparse.ArgumentTypeError(f"irq {value} is not an SPI ({MIN_SPI} to {MAX_SPI})")
+    return value
+
+
+def _devid(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"device number {value} is negative")
     return value
 
 
@@ -115,12 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--mmio-base",
         type=_mmio_base,
-        default=DEFAULT_MMIO_BASE,
         metavar="ADDR",
-        help=f"guest-physical base of the 0x200-byte virtio-mmio window (default: {DEFAULT_MMIO_BASE:#x})",
+        help=(
+            "guest-physical base of the 0x200-byte virtio-mmio window (default: what libxl recorded in "
+            "xenstore under backend/virtio/DOMID/)"
+        ),
     )
     parser.add_argument(
-        "--irq", type=_irq, default=DEFAULT_IRQ, metavar="N", help=f"the device's SPI (default: {DEFAULT_IRQ})"
+        "--irq", type=_irq, metavar="N", help="the device's SPI (default: what libxl recorded in xenstore)"
+    )
+    parser.add_argument(
+        "--devid",
+        type=_devid,
+        metavar="N",
+        help="which of the guest's xenstore virtio devices to serve, when several match --device",
     )
     parser.add_argument(
         "--queue-size",
@@ -136,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "what the daemon's memory table holds: guest RAM itself (passthrough), or only a memfd arena "
             "of in-flight buffers that the bridge copies in and out of guest RAM (shadow); auto picks "
-            "passthrough where guest RAM is a file, as in the simulator (default: auto)"
+            "passthrough where guest RAM is a file, as in the simulator, and shadow on Xen (default: auto)"
         ),
     )
     parser.add_argument(
@@ -145,6 +159,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         metavar="N",
         help="size of the shadow arena: the shadow rings and every buffer in flight (default: 64)",
+    )
+    parser.add_argument(
+        "--map-cache-mib",
+        type=_mib,
+        default=DEFAULT_MAX_BYTES >> 20,
+        metavar="N",
+        help=(
+            "shadow memory: most guest RAM kept mapped at once; pages are mapped when touched and the least "
+            f"recently used unmapped (default: {DEFAULT_MAX_BYTES >> 20})"
+        ),
+    )
+    parser.add_argument(
+        "--no-fast-path",
+        dest="fast_path",
+        action="store_false",
+        help=(
+            "relay every kick and interrupt through this process even where the kernel offers "
+            "IOCTL_PRIVCMD_IOEVENTFD / IOCTL_PRIVCMD_IRQFD (Linux 6.7+)"
+        ),
     )
     parser.add_argument(
         "--timeout",
@@ -169,11 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         device_type=DEVICE_TYPES[args.device],
         mmio_base=args.mmio_base,
         irq=args.irq,
+        devid=args.devid,
         xen_sim=args.xen_sim,
         queue_size=args.queue_size,
         timeout=args.timeout,
         memory=args.memory,
         arena_size=args.arena_mib << 20,
+        map_cache_size=args.map_cache_mib << 20,
+        fast_path=args.fast_path,
     )
 
     def ready(message: str) -> None:

@@ -13,10 +13,14 @@ import os
 import sys
 from collections.abc import Sequence
 
-from bridge.cli import DEFAULT_IRQ, DEFAULT_MMIO_BASE
 from bridge.daemons import start_qemu_storage_daemon
 from bridge.processes import Child, child_env
 from xen.sim.launch import start_simulator
+
+# Where libxl puts a guest's first virtio-mmio device on Arm, and so where
+# the simulator started with one --virtio device puts it too.
+LIBXL_FIRST_MMIO_BASE = 0x02000000
+LIBXL_FIRST_SPI = 33
 
 
 def bridge_argv(
@@ -25,10 +29,17 @@ def bridge_argv(
     socket_path: str,
     xen_sim: str,
     device: str = "blk",
-    mmio_base: int = DEFAULT_MMIO_BASE,
-    irq: int = DEFAULT_IRQ,
+    mmio_base: int | None = None,
+    irq: int | None = None,
     extra: Sequence[str] = (),
 ) -> list[str]:
+    """The bridge's command line; without ``mmio_base`` and ``irq`` it finds
+    the device in the simulator's xenstore, as on Xen."""
+    placement = []
+    if mmio_base is not None:
+        placement += ["--mmio-base", hex(mmio_base)]
+    if irq is not None:
+        placement += ["--irq", str(irq)]
     return [
         sys.executable,
         "-m",
@@ -41,10 +52,7 @@ def bridge_argv(
         xen_sim,
         "--device",
         device,
-        "--mmio-base",
-        hex(mmio_base),
-        "--irq",
-        str(irq),
+        *placement,
         "-v",
         *extra,
     ]
@@ -61,7 +69,12 @@ def start_bridge(argv: Sequence[str], timeout: float = 15.0) -> Child:
 
 
 class BlkTestbed:
-    """qemu-storage-daemon + simulator + bridge for one virtio-blk device."""
+    """qemu-storage-daemon + simulator + bridge for one virtio-blk device.
+
+    By default the simulator describes the device in xenstore the way libxl
+    does (``xen-sim --virtio blk``) and the bridge finds it there;
+    ``placement="flags"`` gives the bridge --mmio-base and --irq instead and
+    leaves xenstore empty."""
 
     def __init__(
         self,
@@ -72,8 +85,7 @@ class BlkTestbed:
         domid: int = 1,
         vcpus: int = 1,
         ram_mib: int = 256,
-        mmio_base: int = DEFAULT_MMIO_BASE,
-        irq: int = DEFAULT_IRQ,
+        placement: str = "xenstore",
         bridge_extra: Sequence[str] = (),
         sim_extra: Sequence[str] = (),
     ) -> None:
@@ -86,8 +98,11 @@ class BlkTestbed:
         self.domid = domid
         self.vcpus = vcpus
         self.ram_mib = ram_mib
-        self.mmio_base = mmio_base
-        self.irq = irq
+        if placement not in ("xenstore", "flags"):
+            raise ValueError(f"placement {placement!r} is neither 'xenstore' nor 'flags'")
+        self.placement = placement
+        self.mmio_base = LIBXL_FIRST_MMIO_BASE
+        self.irq = LIBXL_FIRST_SPI
         self.bridge_extra = tuple(bridge_extra)
         self.sim_extra = tuple(sim_extra)
         self.daemon: Child | None = None
@@ -100,8 +115,13 @@ class BlkTestbed:
                 with open(self.image, "wb") as f:
                     f.truncate(self.image_size)
             self.daemon = start_qemu_storage_daemon(self.image, self.daemon_socket)
+            sim_args = ["--virtio", "blk"] if self.placement == "xenstore" else []
             self.sim = start_simulator(
-                self.control, domid=self.domid, vcpus=self.vcpus, ram_mib=self.ram_mib, extra_args=self.sim_extra
+                self.control,
+                domid=self.domid,
+                vcpus=self.vcpus,
+                ram_mib=self.ram_mib,
+                extra_args=[*sim_args, *self.sim_extra],
             )
             self.start_bridge()
         except BaseException:
@@ -115,8 +135,8 @@ class BlkTestbed:
                 domid=self.domid,
                 socket_path=self.daemon_socket,
                 xen_sim=self.control,
-                mmio_base=self.mmio_base,
-                irq=self.irq,
+                mmio_base=self.mmio_base if self.placement == "flags" else None,
+                irq=self.irq if self.placement == "flags" else None,
                 extra=self.bridge_extra,
             )
         )

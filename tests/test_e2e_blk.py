@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import trio
@@ -23,11 +21,9 @@ from bridge.daemons import start_qemu_storage_daemon
 from bridge.device import VENDOR_ID
 from bridge.processes import child_env
 from bridge.testbed import BlkTestbed, bridge_argv
+from tests.e2e_helpers import assert_on_image, open_blk, write_all
 from xen.sim.guest import SimGuest
-from xen.sim.guest_memory import GuestAllocator
 from xen.sim.launch import start_simulator
-from xen.sim.virtio_blk import VirtioBlkDriver
-from xen.sim.virtio_mmio_driver import VirtioMmioDriver
 
 pytestmark = pytest.mark.e2e
 
@@ -39,14 +35,6 @@ VIRTIO_F_VERSION_1 = 1 << 32
 VHOST_USER_F_PROTOCOL_FEATURES = 1 << 30
 VHOST_F_LOG_ALL = 1 << 26
 VIRTIO_BLK_F_FLUSH = 1 << 9
-
-
-@pytest.fixture
-def workdir():
-    # UNIX socket paths must stay under 108 bytes: keep the directory short.
-    path = tempfile.mkdtemp(prefix="xvb-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(params=["passthrough", "shadow"])
@@ -63,27 +51,6 @@ def bed(workdir, memory):
     testbed.stop()
     # SIGTERM is a clean shutdown: the bridge tears down and exits 0.
     assert bridge is None or bridge.proc.returncode == 0, bridge.output()
-
-
-async def open_blk(guest: SimGuest, bed: BlkTestbed, **kwargs) -> tuple[VirtioMmioDriver, VirtioBlkDriver]:
-    allocator = GuestAllocator(guest.ram.base, guest.ram.size)
-    transport = VirtioMmioDriver(None, guest.ram, allocator, bed.mmio_base, bed.irq, guest)
-    return transport, await VirtioBlkDriver.open(transport, **kwargs)
-
-
-async def write_all(blk, blocks: dict[int, bytes]) -> None:
-    """Write every {sector: data} block, all in flight at once."""
-    async with trio.open_nursery() as nursery:
-        for sector, data in blocks.items():
-            nursery.start_soon(blk.write, sector, data)
-
-
-def assert_on_image(image: str, blocks: dict[int, bytes]) -> None:
-    """The image file holds every {sector: data} block."""
-    with open(image, "rb") as f:
-        for sector, data in blocks.items():
-            f.seek(sector * SECTOR)
-            assert f.read(len(data)) == data, f"sector {sector}"
 
 
 async def test_negotiation_and_identity(bed):
@@ -199,7 +166,7 @@ def test_socket_nobody_listens_on(workdir):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(dead)
     s.close()
-    with start_simulator(control):
+    with start_simulator(control, extra_args=["--virtio", "blk"]):
         refused = run_bridge_cli(["--domid", "1", "--socket", dead, "--xen-sim", control])
         missing = run_bridge_cli(["--domid", "1", "--socket", os.path.join(workdir, "none.sock"), "--xen-sim", control])
     assert_one_line_error(refused, dead)
@@ -213,7 +180,9 @@ def test_wrong_domid_is_one_clear_line(workdir):
     with open(image, "wb") as f:
         f.truncate(MiB)
     with start_simulator(control, domid=1), start_qemu_storage_daemon(image, sock):
-        proc = run_bridge_cli(bridge_argv(domid=5, socket_path=sock, xen_sim=control)[3:])
+        proc = run_bridge_cli(
+            bridge_argv(domid=5, socket_path=sock, xen_sim=control, mmio_base=0x2000000, irq=33)[3:]
+        )
     assert_one_line_error(proc, "5")
 
 
