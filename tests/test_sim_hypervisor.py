@@ -679,3 +679,12 @@ async def test_calls_fail_clearly_once_the_simulator_is_gone(start_sim, connect)
         hv.nr_vcpus()
     with pytest.raises(HypervisorError, match="closed it"):
         evtchn.read_pending()
+
+
+async def test_a_guest_can_attach_again_right_after_the_last_one_left(start_sim):
+    """A guest that closes its connection and a new one that attaches at
+    once: the new one waits for the old detach instead of EBUSY."""
+    sim = start_sim()
+    for _ in range(10):
+        async with SimGuest.open(sim.control_path) as guest:
+            assert len(guest.vcpus) >= 1

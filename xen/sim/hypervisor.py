@@ -1572,8 +1572,10 @@ class DmClient:
 class GuestAttachment:
     """The simulated guest: its vCPU trap sockets and interrupt channel."""
 
-    def __init__(self, domain: Domain) -> None:
+    def __init__(self, domain: Domain, control: socket.socket | None = None) -> None:
         self.domain = domain
+        self.control = control
+        self.detached = trio.Event()
         self.vcpu_socks: list[socket.socket] = []
         self.guest_ends: list[socket.socket] = []
         for _ in range(domain.nr_vcpus):
@@ -1586,6 +1588,15 @@ class GuestAttachment:
         self.irq_sock = ours
         self.irq_outbox = Outbox(ours)
         self.guest_ends.append(theirs)
+
+    def hung_up(self) -> bool:
+        """Whether the guest already closed its control connection (the
+        detach may not have run yet)."""
+        if self.control is None or self.control.fileno() < 0:
+            return True
+        poller = select.poll()
+        poller.register(self.control.fileno(), select.POLLRDHUP)
+        return bool(poller.poll(0))
 
     def close_guest_ends(self) -> None:
         for sock in self.guest_ends:
@@ -2180,10 +2191,16 @@ class Simulator:
 
     async def _serve_guest(self, sock, hello: dict) -> None:
         domain = self.domain
+        previous = domain.guest
+        if previous is not None and previous.hung_up():
+            # The guest before this one has gone; let its detach finish
+            # rather than refuse a guest that merely came back quickly.
+            with trio.move_on_after(5):
+                await previous.detached.wait()
         if domain.guest is not None:
             await self._reply(sock, error_reply(f"a guest is already attached to domain {domain.domid}", errno.EBUSY), hello)
             return
-        guest = GuestAttachment(domain)
+        guest = GuestAttachment(domain, sock)
         domain.guest = guest
         try:
             fds = [domain.ram_fd] + [s.fileno() for s in guest.guest_ends]
@@ -2215,6 +2232,7 @@ class Simulator:
                 vcpu.outbox = None
                 vcpu.answer_due = False
             guest.close()
+            guest.detached.set()
             log.info("guest detached")
 
     def _guest_request(self, received: control.Received) -> dict:
