@@ -76,17 +76,19 @@ def place_device(config: BridgeConfig, xs: XenStore | None) -> Placement:
 
 def choose_memory(config: BridgeConfig, hv: Hypervisor, placement: Placement):
     """The memory model: passthrough where guest RAM is a file the daemon
-    can map, shadow otherwise (real Xen) or when asked."""
-    if placement.xenstore is not None and placement.xenstore.grant_usage:
-        raise DiscoveryError(
-            f"{placement.xenstore.describe()} has grant_usage=1 (the guest gives grant references, not addresses); "
-            "the bridge maps guest RAM by address only: set grant_usage=0 in the guest's xl config"
-        )
+    can map and the guest gives addresses, shadow otherwise (real Xen, a
+    guest using grants) or when asked."""
+    grants = placement.xenstore is not None and placement.xenstore.grant_usage
     banks = hv.guest_ram()
     mode = config.memory
     if mode == "auto":
-        mode = "passthrough" if banks is not None else "shadow"
+        mode = "passthrough" if banks is not None and not grants else "shadow"
     if mode == "passthrough":
+        if grants:
+            raise DiscoveryError(
+                f"{placement.xenstore.describe()} has grant_usage=1: the guest gives grant references, which "
+                "only the bridge can map, so it needs --memory shadow (or auto)"
+            )
         if banks is None:
             raise HypervisorError(
                 "--memory passthrough needs guest RAM as a file the daemon can map, and this hypervisor has none "

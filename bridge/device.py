@@ -116,6 +116,8 @@ class VhostUserDevice:
         # Shadow memory with the kernel fast path: index -> the eventfd the
         # kernel signals for the guest's QueueNotify (ours, not the daemon's).
         self._guest_kicks: dict[int, int] = {}
+        # Shadow memory: index -> the pins of that queue's ring memory.
+        self._ring_pins: dict[int, list] = {}
 
     # --- life of the device --------------------------------------------
 
@@ -321,6 +323,17 @@ class VhostUserDevice:
         shadow ring in the arena."""
         q = self.model.queues[index]
         features = self.model.driver_features
+        # Ring memory lives as long as the queue: with grant addresses, keep
+        # its grants mapped until the queue stops (buffers are mapped per
+        # access).
+        guest = self.memory.ram
+        self._ring_pins[index] = pins = []
+        for addr, length in (
+            (q.desc, split_ring.desc_table_size(q.num)),
+            (q.driver, split_ring.avail_ring_size(q.num)),
+            (q.device, split_ring.used_ring_size(q.num)),
+        ):
+            pins.append(guest.pin(addr, length))
         shadow = ShadowVirtqueue(
             guest=self.memory.ram,
             ring=GuestRing(num=q.num, desc=q.desc, avail=q.driver, used=q.device),
@@ -486,6 +499,7 @@ class VhostUserDevice:
             os.close(fd)
         if not self._rings:
             self.model.vring_irq_in_kernel = False
+        self._unpin_ring(index)
         shadow = self._shadow.pop(index, None)
         if shadow is not None:
             if shadow.in_flight:
@@ -502,6 +516,12 @@ class VhostUserDevice:
         for shadow in self._shadow.values():
             shadow.close()
         self._shadow.clear()
+        for index in list(self._ring_pins):
+            self._unpin_ring(index)
+
+    def _unpin_ring(self, index: int) -> None:
+        for handle in self._ring_pins.pop(index, ()):
+            self.memory.ram.unpin(handle)
 
     # --- the daemon's requests (BackendHandler) -------------------------
 

@@ -17,6 +17,17 @@ that still cannot be mapped (ballooned out) is reported the same way.
 
 Accesses are short-lived: nothing here hands out a view that outlives the
 call, so a chunk can be unmapped whenever it is evicted.
+
+Grant addresses (bit 63 set, as a guest with ``grant_usage=1`` puts in its
+descriptors: the reference is the address without bit 63, shifted right by
+12; a buffer over several pages uses consecutive references) are mapped
+through ``Hypervisor.map_grant_refs`` and never cached: the guest ends its
+grants when a request completes, and Linux's xen-grant-dma then finds them
+still in use and disables them for good if the backend kept them mapped.
+Ring memory, granted for as long as the queue lives, is mapped once with
+:meth:`MappedGuestMemory.pin` and released with :meth:`unpin` when the queue
+stops. Whether a grant is valid only Xen knows: ``check_range`` checks the
+arithmetic, and a reference the guest did not grant fails at the mapping.
 """
 
 from __future__ import annotations
@@ -33,6 +44,26 @@ DEFAULT_CHUNK_PAGES = 16
 the pages mapped for one request are mostly the ones it uses."""
 
 DEFAULT_MAX_BYTES = 64 << 20
+
+GRANT_ADDRESS = 1 << 63
+"""xen-grant-dma's XEN_GRANT_DMA_ADDR_OFF."""
+_GRANT_REF_LIMIT = 1 << 32  # grant_ref_t is 32 bits
+_PAGE_MASK = (1 << XEN_PAGE_SHIFT) - 1
+
+
+def is_grant_address(addr: int) -> bool:
+    return addr >= GRANT_ADDRESS
+
+
+def grant_refs(addr: int, length: int) -> tuple[int, int, int]:
+    """(first reference, offset in its page, number of references) of a
+    grant-addressed buffer; OutsideGuestRam when it cannot be one."""
+    page = (addr - GRANT_ADDRESS) >> XEN_PAGE_SHIFT
+    offset = addr & _PAGE_MASK
+    count = ((offset + length - 1) >> XEN_PAGE_SHIFT) + 1 if length > 0 else 0
+    if length < 0 or page + count > _GRANT_REF_LIMIT:
+        raise OutsideGuestRam(f"grant address {addr:#x}+{length:#x} runs past the last grant reference")
+    return page, offset, count
 
 
 class _Chunk:
@@ -75,6 +106,9 @@ class MappedGuestMemory:
         self.maps = 0
         """Mappings made so far (each is one hypervisor call)."""
         self.evictions = 0
+        self.grant_maps = 0
+        self._pins: dict[int, tuple[GuestMapping, int, int]] = {}  # handle -> (mapping, first ref, count)
+        self._next_pin = 0
 
     @property
     def mapped_bytes(self) -> int:
@@ -83,7 +117,11 @@ class MappedGuestMemory:
     # --- the contract shared with GuestRamMap
 
     def check_range(self, gpa: int, length: int) -> None:
-        """Raise OutsideGuestRam unless [gpa, gpa + length) lies in one bank."""
+        """Raise OutsideGuestRam unless [gpa, gpa + length) lies in one bank
+        (or, for a grant address, could be granted pages)."""
+        if gpa >= GRANT_ADDRESS:
+            grant_refs(gpa, length)
+            return
         i = bisect.bisect_right(self._starts, gpa) - 1
         if i >= 0 and length >= 0:
             start, size = self.banks[i]
@@ -92,6 +130,8 @@ class MappedGuestMemory:
         raise OutsideGuestRam(f"guest-physical {gpa:#x}+{length:#x} is outside guest RAM")
 
     def read(self, gpa: int, length: int) -> bytes:
+        if gpa >= GRANT_ADDRESS:
+            return bytes(self._granted(gpa, length, None))
         shift = self.chunk_shift
         off = gpa & (self.chunk_size - 1)
         if off + length <= self.chunk_size and length > 0 and gpa >= 0:
@@ -102,6 +142,9 @@ class MappedGuestMemory:
 
     def write(self, gpa: int, data) -> None:
         length = len(data)
+        if gpa >= GRANT_ADDRESS:
+            self._granted(gpa, length, data)
+            return
         shift = self.chunk_shift
         off = gpa & (self.chunk_size - 1)
         if off + length <= self.chunk_size and length > 0 and gpa >= 0:
@@ -115,6 +158,61 @@ class MappedGuestMemory:
         while self._chunks:
             _, chunk = self._chunks.popitem(last=False)
             self._unmap(chunk)
+        for mapping, _, _ in self._pins.values():
+            mapping.close()
+        self._pins.clear()
+
+    # --- grants
+
+    def pin(self, addr: int, length: int) -> int | None:
+        """Keep the grants behind [addr, addr + length) mapped until
+        :meth:`unpin` (ring memory). Returns a handle, or None for an
+        ordinary guest-physical range, which the chunk cache serves."""
+        if addr < GRANT_ADDRESS:
+            self.check_range(addr, length)
+            return None
+        first, offset, count = grant_refs(addr, length)
+        mapping = self._map_grants(addr, length, first, count)
+        self._next_pin += 1
+        self._pins[self._next_pin] = (mapping, first, count)
+        return self._next_pin
+
+    def unpin(self, handle: int | None) -> None:
+        pinned = self._pins.pop(handle, None) if handle is not None else None
+        if pinned is not None:
+            pinned[0].close()
+
+    def _map_grants(self, addr: int, length: int, first: int, count: int) -> GuestMapping:
+        try:
+            mapping = self.hv.map_grant_refs(list(range(first, first + count)))
+        except GuestMemoryFault as exc:
+            raise OutsideGuestRam(f"grant address {addr:#x}+{length:#x} cannot be mapped: {exc}") from None
+        self.grant_maps += 1
+        return mapping
+
+    def _granted(self, addr: int, length: int, data) -> bytearray | None:
+        """A read (``data`` None) or write through the guest's grants: a
+        pinned mapping if one holds them all, else mapped for this access
+        only."""
+        first, offset, count = grant_refs(addr, length)
+        if count == 0:
+            return bytearray() if data is None else None
+        for mapping, pin_first, pin_count in self._pins.values():
+            if pin_first <= first and first + count <= pin_first + pin_count:
+                start = ((first - pin_first) << XEN_PAGE_SHIFT) + offset
+                return self._copy(mapping.view, start, length, data)
+        mapping = self._map_grants(addr, length, first, count)
+        try:
+            return self._copy(mapping.view, offset, length, data)
+        finally:
+            mapping.close()
+
+    @staticmethod
+    def _copy(view, start: int, length: int, data) -> bytearray | None:
+        if data is None:
+            return bytearray(view[start : start + length])
+        view[start : start + length] = data
+        return None
 
     # --- mapping
 

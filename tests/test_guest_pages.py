@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.guest_pages import MappedGuestMemory
+from bridge.guest_pages import GRANT_ADDRESS, MappedGuestMemory
 from bridge.memory import OutsideGuestRam
 from xen.hypervisor import XEN_PAGE_SIZE, GuestMapping, GuestMemoryFault
 
@@ -45,8 +45,9 @@ class PagesHv:
         os.ftruncate(self.fd, sum(size for _, size in banks))
         self.ram = mmap.mmap(self.fd, sum(size for _, size in banks))
         self.holes = set(holes)  # gfns that fail to map (ballooned out)
-        self.live: list[Mapping] = []
+        self.live: list = []
         self.requests: list[tuple[int, int]] = []
+        self.grants: dict[int, int] = {}  # ref -> gfn
 
     def guest_ram_layout(self):
         return self.banks
@@ -71,9 +72,41 @@ class PagesHv:
         self.live.append(m)
         return m
 
+    def map_grant_refs(self, refs) -> "GrantMapping":
+        """Each reference's page, in one contiguous view (gntdev gives one
+        mapping); here the pages are copied in and out, which is enough to
+        see what the cache reads and writes."""
+        for ref in refs:
+            if ref not in self.grants:
+                raise GuestMemoryFault(f"grant reference {ref}: EINVAL")
+        m = GrantMapping(self, [self.grants[r] for r in refs])
+        self.live.append(m)
+        return m
+
     def close(self) -> None:
         self.ram.close()
         os.close(self.fd)
+
+
+class GrantMapping(GuestMapping):
+    def __init__(self, owner: PagesHv, gfns: list[int]) -> None:
+        self.owner, self.gfns = owner, gfns
+        self.buf = bytearray()
+        for gfn in gfns:
+            off = owner.offset(gfn * XEN_PAGE_SIZE)
+            self.buf += owner.ram[off : off + XEN_PAGE_SIZE]
+        self.view = memoryview(self.buf)
+        self.gfn = None
+        self.closed = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            for i, gfn in enumerate(self.gfns):  # write back what the user changed
+                off = self.owner.offset(gfn * XEN_PAGE_SIZE)
+                self.owner.ram[off : off + XEN_PAGE_SIZE] = self.buf[i * XEN_PAGE_SIZE : (i + 1) * XEN_PAGE_SIZE]
+            self.view.release()
+            self.owner.live.remove(self)
 
 
 @pytest.fixture
@@ -207,3 +240,52 @@ def test_random_accesses_match_a_plain_buffer(ops):
         mem.close()
     finally:
         hv.close()
+
+
+# --- grant addresses ------------------------------------------------------------
+
+
+def grant(ref: int, offset: int = 0) -> int:
+    return GRANT_ADDRESS | (ref << 12) + offset
+
+
+def test_grant_addresses_reach_the_granted_pages_and_stay_unmapped(hv):
+    # Three consecutive references for three scattered pages of bank 0.
+    gfns = [(BANK0[0] >> 12) + n for n in (40, 7, 100)]
+    hv.grants.update({8: gfns[0], 9: gfns[1], 10: gfns[2]})
+    mem = MappedGuestMemory(hv)
+    data = bytes(range(256)) * 24  # 6 KiB from 0x800 into ref 8: ends in ref 9
+    mem.write(grant(8, 0x800), data)
+    assert hv.live == []  # mapped for the access only
+    assert hv.ram[40 * 4096 + 0x800 : 41 * 4096] == data[:0x800]
+    assert hv.ram[7 * 4096 : 7 * 4096 + 0x1000] == data[0x800 : 0x1800]
+    assert mem.read(grant(9, 0xFF0), 0x20) == data[0x17F0:0x1800] + hv.ram[100 * 4096 : 100 * 4096 + 0x10]
+    assert hv.requests == []  # no foreign mapping of RAM for grants
+    mem.close()
+
+
+def test_a_reference_the_guest_did_not_grant_is_outside_guest_ram(hv):
+    hv.grants[8] = BANK0[0] >> 12
+    mem = MappedGuestMemory(hv)
+    with pytest.raises(OutsideGuestRam, match="cannot be mapped"):
+        mem.read(grant(8, 0xFFF), 2)  # runs into ref 9, never granted
+    with pytest.raises(OutsideGuestRam, match="past the last grant reference"):
+        mem.check_range(grant(0xFFFF_FFFF, 0xFFF), 2)
+    mem.check_range(grant(8), 4096)  # only Xen knows: checked when mapped
+    assert hv.live == []
+    mem.close()
+
+
+def test_pinned_ring_grants_stay_mapped_until_unpinned(hv):
+    hv.grants.update({20: (BANK0[0] >> 12) + 1, 21: (BANK0[0] >> 12) + 2})
+    mem = MappedGuestMemory(hv)
+    handle = mem.pin(grant(20), 2 * 4096)
+    assert len(hv.live) == 1 and mem.grant_maps == 1
+    mem.write(grant(21, 8), b"used")
+    assert mem.read(grant(20, 4), 4) == bytes(4)
+    assert mem.grant_maps == 1 and len(hv.live) == 1  # served by the pin
+    mem.unpin(handle)
+    assert hv.live == []
+    assert hv.ram[2 * 4096 + 8 : 2 * 4096 + 12] == b"used"
+    assert mem.pin(BANK0[0], 64) is None  # plain RAM needs no pin
+    mem.close()
