@@ -301,8 +301,8 @@ def ring(index, eventfds, base=0, num=256):
                      call_fd=eventfds[2 * index + 1])
 
 
-RING_STEPS = ["SET_VRING_NUM", "SET_VRING_BASE", "SET_VRING_ADDR", "SET_VRING_KICK",
-              "SET_VRING_CALL"]
+RING_STEPS = ["SET_VRING_NUM", "SET_VRING_BASE", "SET_VRING_ADDR", "SET_VRING_CALL",
+              "SET_VRING_KICK"]
 
 
 # -- connect sequences
@@ -758,8 +758,8 @@ def test_ring_start_steps_order_and_payloads():
         Step(F.SET_VRING_NUM, VringState(3, 64)),
         Step(F.SET_VRING_BASE, VringState(3, 5)),
         Step(F.SET_VRING_ADDR, VringAddr(3, 0, 0x1000, 0x3000, 0x2000, 0)),
-        Step(F.SET_VRING_KICK, VringFd(3), (10,)),
         Step(F.SET_VRING_CALL, VringFd(3, no_fd=True)),
+        Step(F.SET_VRING_KICK, VringFd(3), (10,)),
     ]
 
 

@@ -160,14 +160,20 @@ def negotiate_protocol_features(offered: int) -> ProtocolFeature:
 
 
 def ring_start_steps(ring: RingSetup) -> list[Step]:
-    """SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_CALL."""
+    """SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_CALL, SET_VRING_KICK.
+
+    The call fd goes before the kick fd, as QEMU sends them for a device
+    whose guest notifiers are set up first (virtio-pci): libvhost-user
+    starts a ring at SET_VRING_KICK and, when the kick eventfd already
+    holds kicks (a resume after the daemon restarted), completes requests
+    at once; with no call fd yet it panics writing fd -1."""
     steps = [
         Step(R.SET_VRING_NUM, VringState(ring.index, ring.num)),
         Step(R.SET_VRING_BASE, VringState(ring.index, ring.base)),
         Step(R.SET_VRING_ADDR, VringAddr(ring.index, 0, ring.desc_addr, ring.used_addr,
                                          ring.avail_addr, 0)),
     ]
-    for request, fd in ((R.SET_VRING_KICK, ring.kick_fd), (R.SET_VRING_CALL, ring.call_fd)):
+    for request, fd in ((R.SET_VRING_CALL, ring.call_fd), (R.SET_VRING_KICK, ring.kick_fd)):
         if fd < 0:
             steps.append(Step(request, VringFd(ring.index, no_fd=True)))
         else:
