@@ -53,6 +53,8 @@ class BridgeConfig:
     arena_size: int = 64 << 20
     map_cache_size: int = DEFAULT_MAX_BYTES
     fast_path: bool = True
+    reconnect: float = 0.0
+    """Seconds to redial a daemon that went away (0: DEVICE_NEEDS_RESET at once)."""
 
 
 @attrs.frozen
@@ -127,6 +129,7 @@ async def run_bridge(config: BridgeConfig, *, on_ready: Callable[[str], None] | 
                     memory=memory,
                     queue_size=config.queue_size,
                     timeout=config.timeout,
+                    reconnect=config.reconnect,
                 )
                 await nursery.start(device.run)
                 router.add(placement.base, WINDOW_SIZE, device)

@@ -28,6 +28,7 @@ from xen.xenstore import XenStoreError
 PROG = "xen-vhost-bridge"
 
 MIN_SPI, MAX_SPI = 32, 987
+DEFAULT_RECONNECT = 10.0
 EXIT_USER_ERROR = 1
 
 # What a user can get wrong (or the environment), as opposed to a bug in the
@@ -84,6 +85,16 @@ def _timeout(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError("the timeout must be positive")
+    return value
+
+
+def _reconnect(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{value:g} s is not between 0 and 86400")
     return value
 
 
@@ -180,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--reconnect",
+        type=_reconnect,
+        default=DEFAULT_RECONNECT,
+        metavar="SECONDS",
+        help=(
+            "when the daemon's connection closes, redial it for this long and resume the guest's rings where "
+            f"they were; 0 reports DEVICE_NEEDS_RESET at once (default: {DEFAULT_RECONNECT:g})"
+        ),
+    )
+    parser.add_argument(
         "--timeout",
         type=_timeout,
         default=5.0,
@@ -210,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         arena_size=args.arena_mib << 20,
         map_cache_size=args.map_cache_mib << 20,
         fast_path=args.fast_path,
+        reconnect=args.reconnect,
     )
 
     def ready(message: str) -> None:

@@ -59,7 +59,7 @@ from bridge.virtio_mmio import (
     VirtioMmioModel,
 )
 from vhost_user.frontend import RingSetup, VhostUserFrontend
-from vhost_user.protocol import ProtocolFeature, VhostUserError
+from vhost_user.protocol import ConnectionLost, ProtocolFeature, VhostUserError
 from xen.fast_path import KernelFastPath
 from xen.hypervisor import Hypervisor, HypervisorError
 
@@ -90,6 +90,7 @@ class VhostUserDevice:
         base: int = 0,
         queue_size: int = 256,
         timeout: float = 5.0,
+        reconnect: float = 0.0,
     ) -> None:
         self.hv = hypervisor
         self.type = device_type
@@ -101,6 +102,11 @@ class VhostUserDevice:
         self.memory = memory
         self.queue_size = queue_size
         self.timeout = timeout
+        self.reconnect = reconnect
+        """Seconds to keep redialling a daemon that went away (0: give up at
+        once and report DEVICE_NEEDS_RESET)."""
+        self.reconnects = 0
+        self._daemon_lost = False  # gave up on it; the next DRIVER_OK dials once more
         self.frontend: VhostUserFrontend | None = None
         self.model: VirtioMmioModel | None = None
         self.failed: str | None = None
@@ -128,14 +134,7 @@ class VhostUserDevice:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self.frontend = await VhostUserFrontend.connect(
-                    self.socket_path,
-                    nursery=nursery,
-                    handler=self,
-                    default_num_queues=self.type.default_num_queues,
-                    config_size=self.type.config_size,
-                    timeout=self.timeout,
-                )
+                self.frontend = await self._dial()
                 self.model = self._build_model(self.frontend)
                 log.info(
                     "virtio-%s backed by %s: offering the guest features %#x, %d queues",
@@ -153,9 +152,107 @@ class VhostUserDevice:
                 with trio.CancelScope(shield=True):
                     await self.frontend.aclose()
 
+    async def _dial(self) -> VhostUserFrontend:
+        return await VhostUserFrontend.connect(
+            self.socket_path,
+            nursery=self._nursery,
+            handler=self,
+            default_num_queues=self.type.default_num_queues,
+            config_size=self.type.config_size,
+            timeout=self.timeout,
+        )
+
     async def _watch_daemon(self) -> None:
-        await self.frontend.wait_hangup()
-        self._fail("the daemon closed its vhost-user connection (it exited or crashed)")
+        """When the daemon's connection closes: redial it and carry on where
+        it stopped, or report DEVICE_NEEDS_RESET."""
+        while True:
+            await self.frontend.wait_hangup()
+            gone = "the daemon closed its vhost-user connection (it exited or crashed)"
+            if self.reconnect <= 0:
+                self._daemon_lost = True
+                self._fail(gone)
+                return
+            log.warning("virtio-%s: %s; redialling %s for up to %g s", self.type.name, gone, self.socket_path,
+                        self.reconnect)
+            # Guest starts and resets wait meanwhile (their vCPU is held, as
+            # for a slow daemon); kicks pile up in the eventfds.
+            async with self._lifecycle:
+                await self.frontend.aclose()
+                if not await self._redial(gone):
+                    return
+
+    async def _redial(self, gone: str) -> bool:
+        """Dial with back-off until the daemon answers or time runs out;
+        then resume the rings the guest had running."""
+        deadline = trio.current_time() + self.reconnect
+        delay = 0.05
+        while True:
+            try:
+                frontend = await self._dial()
+                break
+            except VhostUserError as exc:
+                if trio.current_time() + delay > deadline:
+                    self._daemon_lost = True
+                    self._fail(f"{gone}, and it did not come back within {self.reconnect:g} s ({exc})")
+                    return False
+                await trio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        self.frontend = frontend
+        self.reconnects += 1
+        try:
+            await self._resume(frontend)
+        except ConnectionLost as exc:
+            # Gone again before it took the rings: the watch loop sees the
+            # hang-up and dials once more.
+            log.warning("virtio-%s: the daemon went away again while resuming: %s", self.type.name, exc)
+            return True
+        except (VhostUserError, OutsideGuestRam, RingError, DeviceSetupError) as exc:
+            self._fail(f"the daemon came back but the device cannot resume: {exc}")
+            return True  # keep watching the new connection
+        log.warning("virtio-%s: the daemon is back (reconnect %d); rings %s resumed", self.type.name,
+                    self.reconnects, sorted(self._rings))
+        return True
+
+    async def _resume(self, frontend: VhostUserFrontend) -> None:
+        """Give a new daemon the device as the guest has it: the same
+        features, memory, rings and eventfds, each ring from where the
+        guest's requests still need it."""
+        offered = guest_features(frontend.device_features)
+        if self.model.device_features & ~offered:
+            raise DeviceSetupError(
+                f"the new daemon offers features {offered:#x}, without {self.model.device_features & ~offered:#x} "
+                "that the device already offered the guest"
+            )
+        if frontend.num_queues < len(self.model.queues):
+            raise DeviceSetupError(f"the new daemon has {frontend.num_queues} queues, not {len(self.model.queues)}")
+        if self.type.config_size and self.model.update_config(frontend.config):
+            self.raise_interrupt(INT_CONFIG)
+        if not self._rings or self.failed is not None:
+            return  # nothing running: the next DRIVER_OK starts it
+        rings = [self._resume_ring(index) for index in sorted(self._rings)]
+        await frontend.start(self.model.driver_features, self.memory.regions, rings)
+        for ring in rings:  # requests that waited, or that the old daemon dropped
+            os.eventfd_write(ring.kick_fd, 1)
+
+    def _resume_ring(self, index: int) -> RingSetup:
+        q = self.model.queues[index]
+        kick, call = self._rings[index]
+        shadow = self._shadow.get(index)
+        if shadow is not None:
+            # Completions the old daemon wrote before it died go to the guest;
+            # every chain still in flight is published again, in order.
+            shadow.stop()
+            if shadow.daemon_called():
+                self.raise_interrupt(INT_VRING)
+            shadow.restart()
+            desc, avail, used = (self.memory.arena_user_addr + off for off in (
+                shadow.shadow_desc_offset, shadow.shadow_avail_offset, shadow.shadow_used_offset))
+            base = 0
+        else:
+            desc, avail, used = self._passthrough_ring_setup(index)
+            base = passthrough_resume_index(self.memory.ram, q.num, q.driver, q.device)
+        return RingSetup(index=index, num=q.num, base=base, desc_addr=desc, avail_addr=avail, used_addr=used,
+                         kick_fd=kick, call_fd=call)
 
     def _build_model(self, frontend: VhostUserFrontend) -> VirtioMmioModel:
         features = guest_features(frontend.device_features)
@@ -380,6 +477,15 @@ class VhostUserDevice:
     async def _start(self) -> None:
         if self.failed is not None:
             raise VhostUserError(f"not starting: {self.failed}")
+        if self._daemon_lost:
+            # The guest reset the device after the daemon went for good: one
+            # more try, so a daemon started again since brings it back.
+            frontend = await self._dial()
+            await self.frontend.aclose()
+            self.frontend = frontend
+            self._daemon_lost = False
+            await self._resume(frontend)
+            self._nursery.start_soon(self._watch_daemon)
         rings = [self._ring_setup(i) for i in self.model.ready_queues()]
         # Kicks go to the new eventfds from now on, even while the daemon is
         # still being told about them: an eventfd keeps its count until the
@@ -544,3 +650,34 @@ class VhostUserDevice:
 
     def vring_err(self, index: int) -> None:
         self._fail(f"the daemon reported an error on ring {index}")
+
+
+def passthrough_resume_index(ram, num: int, avail_gpa: int, used_gpa: int) -> int:
+    """Where a new daemon must resume a guest ring it reads directly: the
+    guest's used index, so it takes again every request the old daemon had
+    not completed (QEMU does the same without INFLIGHT_SHMFD).
+
+    That is right only if the old daemon completed requests in the order
+    they were made available: then used entry i is avail entry i. An
+    out-of-order completion leaves some finished request after the used
+    index and some unfinished one before it; resuming would complete one
+    twice and lose the other, so that is refused instead (the caller
+    reports DEVICE_NEEDS_RESET). Shadow memory has no such limit: the
+    bridge knows every chain in flight."""
+    avail_idx = split_ring.U16.unpack(ram.read(avail_gpa + split_ring.AVAIL_IDX, 2))[0]
+    used_idx = split_ring.U16.unpack(ram.read(used_gpa + split_ring.USED_IDX, 2))[0]
+    outstanding = (avail_idx - used_idx) & 0xFFFF
+    if outstanding > num:
+        raise RingError(f"the guest's ring shows {outstanding} requests in flight on a queue of {num}")
+    mask = num - 1
+    # Positions still held by both rings: the last num of each.
+    for back in range(1, num - outstanding + 1):
+        pos = (used_idx - back) & 0xFFFF
+        head = split_ring.U16.unpack(ram.read(avail_gpa + split_ring.avail_ring_entry(pos & mask), 2))[0]
+        done = split_ring.USED_ELEM.unpack(ram.read(used_gpa + split_ring.used_ring_entry(pos & mask), 8))[0]
+        if head != done:
+            raise RingError(
+                f"the old daemon completed requests out of order (used entry {pos} is head {done}, avail entry "
+                f"{pos} head {head}): without INFLIGHT_SHMFD the requests still in flight cannot be told apart"
+            )
+    return used_idx

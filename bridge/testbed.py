@@ -142,6 +142,15 @@ class BlkTestbed:
         )
         return self.bridge
 
+    def restart_daemon(self) -> Child:
+        """Kill the daemon with SIGKILL (a crash) and start a new one on the
+        same image and socket."""
+        if self.daemon is not None:
+            self.daemon.kill()
+        self.daemon = None
+        self.daemon = start_qemu_storage_daemon(self.image, self.daemon_socket)
+        return self.daemon
+
     def stop(self) -> None:
         """Stop what was started, in reverse path order; remove what we made."""
         for name in ("bridge", "sim", "daemon"):

@@ -11,10 +11,12 @@ import pytest
 import trio
 import trio.testing
 
+from bridge import split_ring as sr
 from bridge import virtio_mmio as vm
-from bridge.device import VhostUserDevice
+from bridge.device import VhostUserDevice, passthrough_resume_index
 from bridge.device_types import DEVICE_TYPES
 from bridge.memory import GuestRamMap, PassthroughMemory
+from bridge.shadow_ring import RingError
 from vhost_user.protocol import ConnectionLost
 from xen.hypervisor import GuestRamRegion
 
@@ -255,3 +257,39 @@ async def test_without_irqfd_the_bridge_relays_calls_itself(device):
             await trio.sleep(0.001)
     dev.mmio_write(vm.INTERRUPT_ACK, 4, vm.INT_VRING)
     assert dev.mmio_read(vm.INTERRUPT_STATUS, 4) == 0
+
+
+# --- resuming a passthrough ring after the daemon restarted ------------------
+
+AVAIL, USED, NUM = RAM_BASE + 0x2000, RAM_BASE + 0x3000, 8
+
+
+def fill_rings(memory: PassthroughMemory, avail: list[int], used: list[int]) -> None:
+    """The guest made ``avail`` heads available, the daemon completed
+    ``used`` heads, in that order, from index 0 (wrapping at NUM)."""
+    ram = memory.ram
+    for i, head in enumerate(avail):
+        ram.write(AVAIL + sr.avail_ring_entry(i % NUM), sr.U16.pack(head))
+    for i, head in enumerate(used):
+        ram.write(USED + sr.used_ring_entry(i % NUM), sr.USED_ELEM.pack(head, 512))
+    ram.write(AVAIL + sr.AVAIL_IDX, sr.U16.pack(len(avail) & 0xFFFF))
+    ram.write(USED + sr.USED_IDX, sr.U16.pack(len(used) & 0xFFFF))
+
+
+def test_in_order_completions_resume_at_the_used_index(ram):
+    heads = [i % NUM for i in range(21)]
+    fill_rings(ram, heads, heads[:17])  # 4 in flight, the ring wrapped twice
+    assert passthrough_resume_index(ram.ram, NUM, AVAIL, USED) == 17
+
+
+def test_out_of_order_completions_are_refused(ram):
+    # Heads 0..4 made available; the daemon finished 1 before 0.
+    fill_rings(ram, [0, 1, 2, 3, 4], [1])
+    with pytest.raises(RingError, match="out of order"):
+        passthrough_resume_index(ram.ram, NUM, AVAIL, USED)
+
+
+def test_an_impossible_ring_is_refused(ram):
+    fill_rings(ram, list(range(8)) + [0, 1], [])  # 10 in flight on a queue of 8
+    with pytest.raises(RingError, match="10 requests in flight"):
+        passthrough_resume_index(ram.ram, NUM, AVAIL, USED)

@@ -44,8 +44,10 @@ def memory(request):
 
 
 @pytest.fixture
-def bed(workdir, memory):
-    testbed = BlkTestbed(workdir, image_size=IMAGE_SIZE, vcpus=2, bridge_extra=["--memory", memory]).start()
+def bed(workdir, memory, request):
+    marker = request.node.get_closest_marker("bridge_flags")
+    flags = ["--memory", memory, *(marker.args if marker else ())]
+    testbed = BlkTestbed(workdir, image_size=IMAGE_SIZE, vcpus=2, bridge_extra=flags).start()
     yield testbed
     bridge = testbed.bridge
     testbed.stop()
@@ -216,6 +218,7 @@ def test_help_documents_every_flag():
         assert flag in proc.stdout
 
 
+@pytest.mark.bridge_flags("--reconnect", "0")
 async def test_daemon_death_sets_device_needs_reset_and_the_bridge_survives(bed):
     async with SimGuest.open(bed.control) as guest:
         transport, blk = await open_blk(guest, bed)
