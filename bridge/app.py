@@ -10,13 +10,15 @@ reverse on every exit path, SIGINT and SIGTERM included.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import stat
 from collections.abc import Callable
 
 import attrs
 import trio
 
-from bridge.device import VhostUserDevice
+from bridge.device import DeviceSetupError, VhostUserDevice
 from bridge.device_types import DeviceType
 from bridge.discovery import (
     DiscoveryError,
@@ -105,9 +107,23 @@ def choose_memory(config: BridgeConfig, hv: Hypervisor, placement: Placement):
         raise
 
 
+def check_daemon_socket(path: str) -> None:
+    """Refuse a --socket that exists but is not a UNIX socket: the bridge
+    would otherwise hand guest memory fds to whatever answers there."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return  # dialling it says so, in the daemon's terms
+    except OSError as exc:
+        raise DeviceSetupError(f"cannot use --socket {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise DeviceSetupError(f"--socket {path} is not a UNIX socket (a vhost-user daemon listens on one)")
+
+
 async def run_bridge(config: BridgeConfig, *, on_ready: Callable[[str], None] | None = None) -> None:
     """Serve until SIGINT or SIGTERM, cancellation, or the toolstack removing
     the device."""
+    check_daemon_socket(config.socket_path)
     hv = open_hypervisor(config.domid, config.xen_sim)
     xs = memory = placement = None
     try:

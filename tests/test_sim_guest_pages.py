@@ -108,6 +108,7 @@ async def test_the_simulator_counts_what_was_mapped(start_sim, connect):
         "xs_watches": 0,
         "kernel_kicks": 0,
         "kernel_irqs": 0,
+        "ioreq_servers": 0,
     }
     hv.map_guest_pages(GFN0, 4).close()
     other.map_guest_pages(GFN0 + 10, 1).close()

@@ -292,7 +292,8 @@ REQUESTS: dict[str, dict[str, Field]] = {
     # map_grant_calls, map_grant_pages} (successful mappings, by every
     # device model), grants_active and xs_watches (registered watches),
     # kernel_kicks and kernel_irqs (QueueNotify writes and interrupts the
-    # kernel fast path carried without a device model).
+    # kernel fast path carried without a device model), ioreq_servers
+    # (how many exist now).
     "stats": {},
     # --- guest-role requests (on the guest's control connection after hello).
     # devices: the guest's device tree, {devices: [{devid, type, virtio_id,

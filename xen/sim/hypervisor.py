@@ -1543,7 +1543,8 @@ class DmClient:
         return ok_reply(offsets=offsets), [self.domain.ram_fd], []
 
     def op_stats(self):
-        return ok_reply(**self.domain.toolstack.snapshot(), **self.domain.privcmd.counts), [], []
+        servers = sum(1 for server in self.domain.servers if server is not None)
+        return ok_reply(**self.domain.toolstack.snapshot(), **self.domain.privcmd.counts, ioreq_servers=servers), [], []
 
     # --- the dom0 kernel's privcmd eventfd ioctls (fd: the request's eventfd,
     # closed once the request is answered; PrivcmdEventfds keeps its own dup)
