@@ -14,8 +14,9 @@ framing as the main socket. ``BackendChannel.run`` reads them:
 - Anything else, unknown, or not negotiated: logged and, when need-reply
   is set, refused with a non-zero u64. Never silence: the daemon may be
   blocked waiting.
-- A malformed message: logged, and the channel is closed. The bridge goes
-  on; the main socket is unaffected.
+- A malformed message, or one that stops half-way for longer than the
+  timeout: logged, and the channel is closed. The bridge goes on; the main
+  socket is unaffected.
 
 fds that come with a request are closed: none of the requests handled here
 uses one.
@@ -116,7 +117,7 @@ class BackendChannel:
                 if not self._closed:
                     logger.info("%s: back-end channel ended: %s", label, e)
                 return
-            except ProtocolError as e:
+            except (ProtocolError, DaemonTimeout) as e:
                 logger.warning("%s: malformed message on the back-end channel, closing it: %s",
                                label, e)
                 return

@@ -26,6 +26,13 @@ not in force until that message has been processed.
 
 File descriptors handed in (memory, kick, call) stay owned by the caller:
 they are sent, never closed here.
+
+A daemon that lies (a malformed or mismatched reply, an impossible value),
+goes silent past the timeout or goes away cannot be trusted with anything
+more: the front-end then closes the connection and the back-end channel at
+once, so the daemon sees it go, and every later call raises
+``ConnectionLost`` naming that first error. A daemon that merely refuses a
+request (a non-zero ack, an empty GET_CONFIG) keeps its connection.
 """
 
 from __future__ import annotations
@@ -52,7 +59,9 @@ from .protocol import (
     STATUS_DRIVER_OK,
     STATUS_FEATURES_OK,
     VHOST_ONLY_FEATURES_MASK,
+    VIRTIO_F_VERSION_1,
     BackendRequest,
+    ConnectionLost,
     DaemonTimeout,
     DeviceConfig,
     Empty,
@@ -287,6 +296,8 @@ class VhostUserFrontend:
         self._backend_regions: dict[RegionKey, MemoryRegion] = {}
         self._running: set[int] = set()
         self._closed = False
+        # Why the front-end gave up on the daemon, once it has.
+        self._failure: str | None = None
 
     # -- construction
 
@@ -330,8 +341,11 @@ class VhostUserFrontend:
         try:
             features = await self._query_u64(R.GET_FEATURES)
         except DaemonTimeout as e:
+            if e.received:
+                raise
             raise DaemonTimeout(f"{e} (is another front-end connected? qemu-storage-daemon "
                                 f"serves one at a time)") from None
+        self._check_version_1(features)
         self.has_protocol_features = bool(features & PROTOCOL_FEATURES_MASK)
 
         if self.has_protocol_features:
@@ -344,8 +358,8 @@ class VhostUserFrontend:
         if self.protocol_features & PF.MQ:
             queues = await self._query_u64(R.GET_QUEUE_NUM)
             if not 1 <= queues <= MAX_QUEUE_NUM:
-                raise ProtocolError(f"{self.label}: the daemon lies: GET_QUEUE_NUM says "
-                                    f"{queues} queues")
+                raise self._lie(f"GET_QUEUE_NUM says {queues} queues, a device has "
+                                f"1..{MAX_QUEUE_NUM}")
             self.num_queues = queues
         else:
             self.num_queues = default_num_queues
@@ -353,7 +367,8 @@ class VhostUserFrontend:
         if self.protocol_features & PF.CONFIGURE_MEM_SLOTS:
             slots = await self._query_u64(R.GET_MAX_MEM_SLOTS)
             if slots == 0:
-                raise ProtocolError(f"{self.label}: the daemon lies: GET_MAX_MEM_SLOTS says 0")
+                raise self._lie("GET_MAX_MEM_SLOTS says 0 memory slots although it offers "
+                                "CONFIGURE_MEM_SLOTS")
             self.max_mem_slots = slots
 
         if self.protocol_features & PF.BACKEND_REQ:
@@ -363,8 +378,9 @@ class VhostUserFrontend:
 
         again = await self._query_u64(R.GET_FEATURES)
         if (again ^ features) & PROTOCOL_FEATURES_MASK:
-            raise ProtocolError(f"{self.label}: the daemon lies: GET_FEATURES changed bit 30 "
-                                f"({features:#x} then {again:#x})")
+            raise self._lie(f"GET_FEATURES changed bit 30 (VHOST_USER_F_PROTOCOL_FEATURES) "
+                            f"after SET_OWNER ({features:#x} then {again:#x})")
+        self._check_version_1(again)
         if again != features:
             logger.warning("%s: GET_FEATURES changed after SET_OWNER: %#x then %#x; using "
                            "the latter", self.label, features, again)
@@ -394,6 +410,32 @@ class VhostUserFrontend:
         self._channel = BackendChannel(conn, handler, protocol_features=self.protocol_features,
                                        num_queues=self.num_queues)
         await nursery.start(self._channel.run)
+
+    def _check_version_1(self, features: int) -> None:
+        if not features >> VIRTIO_F_VERSION_1 & 1:
+            raise VhostUserError(
+                f"{self.label}: the vhost-user daemon does not offer VIRTIO_F_VERSION_1 "
+                f"(GET_FEATURES {features:#x}): it is a legacy virtio device, and only virtio "
+                f"1.x devices can be driven")
+
+    # -- giving up on a daemon
+
+    def _give_up(self, error: VhostUserError) -> None:
+        """The daemon lied, went silent or went away: close the connection
+        and the back-end channel so that it sees us go, and remember why."""
+        if self._failure is None:
+            reason = str(error)
+            prefix = f"{self.label}: "
+            self._failure = reason[len(prefix):] if reason.startswith(prefix) else reason
+            logger.warning("%s: closing the vhost-user connection: %s", self.label,
+                           self._failure)
+        self._close_now()
+
+    def _lie(self, what: str) -> ProtocolError:
+        """Give up on a daemon that said something untrue; the error to raise."""
+        error = ProtocolError(f"{self.label}: the vhost-user daemon lies: {what}")
+        self._give_up(error)
+        return error
 
     # -- requests
 
@@ -428,6 +470,9 @@ class VhostUserFrontend:
         return step.payload.pack()  # type: ignore[attr-defined]
 
     def _check_open(self) -> None:
+        if self._failure is not None:
+            raise ConnectionLost(f"{self.label}: the vhost-user connection was closed after "
+                                 f"an earlier error: {self._failure}")
         if self._closed:
             raise VhostUserError(f"{self.label}: the vhost-user front-end is closed")
 
@@ -435,7 +480,23 @@ class VhostUserFrontend:
         """Send without waiting for anything."""
         self._check_open()
         self._check_gate(step.request)
-        await self._conn.send(step.request, self._check_payload(step), step.fds)
+        payload = self._check_payload(step)
+        try:
+            await self._conn.send(step.request, payload, step.fds)
+        except (DaemonTimeout, ConnectionLost) as e:
+            self._give_up(e)
+            raise
+
+    async def _transact(self, step: Step, *, need_reply: bool = False) -> Message:
+        self._check_open()
+        self._check_gate(step.request)
+        payload = self._check_payload(step)
+        try:
+            return await self._conn.transact(step.request, payload, step.fds,
+                                             need_reply=need_reply)
+        except (ProtocolError, DaemonTimeout, ConnectionLost) as e:
+            self._give_up(e)
+            raise
 
     async def _command(self, step: Step) -> None:
         """A request without a reply of its own: acked when REPLY_ACK is on."""
@@ -444,10 +505,7 @@ class VhostUserFrontend:
         if not self.protocol_features & PF.REPLY_ACK:
             await self._send(step)
             return
-        self._check_open()
-        self._check_gate(step.request)
-        reply = await self._conn.transact(step.request, self._check_payload(step), step.fds,
-                                          need_reply=True)
+        reply = await self._transact(step, need_reply=True)
         ack = self._decode(reply, U64).value
         if ack != 0:
             raise VhostUserError(f"{self.label}: the vhost-user daemon rejected "
@@ -457,9 +515,7 @@ class VhostUserFrontend:
         """A request with a reply of its own; returns the reply message."""
         if FRONTEND_REQUESTS[step.request].reply is None:
             raise TypeError(f"{step.request.name} has no reply; use _command")
-        self._check_open()
-        self._check_gate(step.request)
-        return await self._conn.transact(step.request, self._check_payload(step), step.fds)
+        return await self._transact(step)
 
     async def _query_u64(self, request: FrontendRequest) -> int:
         reply = await self._query(Step(request))
@@ -470,7 +526,7 @@ class VhostUserFrontend:
             return reply.decode(cls)
         except ProtocolError as e:
             name = FrontendRequest(reply.request).name
-            raise ProtocolError(f"{self.label}: bad reply to {name}: {e}") from None
+            raise self._lie(f"its reply to {name} is malformed: {e}") from None
 
     # -- config space
 
@@ -490,8 +546,8 @@ class VhostUserFrontend:
             raise ProtocolError(f"{self.label}: the vhost-user daemon refused GET_CONFIG of "
                                 f"{size} bytes (size 0)")
         if got.offset != 0 or got.size != size:
-            raise ProtocolError(f"{self.label}: the vhost-user daemon lies: asked for {size} "
-                                f"config bytes at offset 0, got {got.size} at {got.offset}")
+            raise self._lie(f"asked for {size} config bytes at offset 0 with GET_CONFIG, "
+                            f"got {got.size} at offset {got.offset}")
         return got.data
 
     async def set_config(self, offset: int, data: bytes) -> None:
@@ -610,12 +666,11 @@ class VhostUserFrontend:
         reply = await self._query(Step(R.GET_VRING_BASE, VringState(index, 0)))
         state = self._decode(reply, VringState)
         if state.index != index:
-            raise ProtocolError(f"{self.label}: the vhost-user daemon lies: GET_VRING_BASE for "
-                                f"ring {index} answered ring {state.index}")
+            raise self._lie(f"GET_VRING_BASE for ring {index} answered ring {state.index}")
         packed = bool((self._acked_features or 0) & (1 << VirtioFeature.RING_PACKED))
         if not packed and state.num > 0xFFFF:
-            raise ProtocolError(f"{self.label}: the vhost-user daemon lies: ring {index} base "
-                                f"{state.num:#x} does not fit a split ring's 16-bit index")
+            raise self._lie(f"GET_VRING_BASE says ring {index} base is {state.num:#x}, which "
+                            f"does not fit a split ring's 16-bit index")
         self._running.discard(index)
         return state.num
 
@@ -647,9 +702,17 @@ class VhostUserFrontend:
             self._channel.close()
         self._conn.close()
 
+    @property
+    def failure(self) -> str | None:
+        """Why the front-end gave up on the daemon and closed the
+        connection (a lie, a timeout, a lost connection), or None."""
+        return self._failure
+
     async def wait_hangup(self) -> None:
         """Return when the daemon closes its end of the connection (it
-        exited or crashed), even while no request is in flight."""
+        exited or crashed), even while no request is in flight; or when
+        the front-end closed it (``failure`` then says why, unless it was
+        ``aclose``)."""
         await self._conn.wait_hangup()
 
     async def aclose(self) -> None:

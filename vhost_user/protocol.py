@@ -45,7 +45,12 @@ class ConnectionLost(VhostUserError):
 
 
 class DaemonTimeout(VhostUserError):
-    """The daemon did not answer in time."""
+    """The daemon did not answer in time. ``received`` counts the bytes of
+    the awaited message that did arrive (0: the daemon stayed silent)."""
+
+    def __init__(self, message: str, *, received: int = 0) -> None:
+        super().__init__(message)
+        self.received = received
 
 
 # --------------------------------------------------------------------------
