@@ -167,7 +167,9 @@ class VhostUserDevice:
         it stopped, or report DEVICE_NEEDS_RESET."""
         while True:
             await self.frontend.wait_hangup()
-            gone = "the daemon closed its vhost-user connection (it exited or crashed)"
+            why = getattr(self.frontend, "failure", None)
+            gone = (f"the connection to the daemon was closed: {why}" if why is not None
+                    else "the daemon closed its vhost-user connection (it exited or crashed)")
             if self.reconnect <= 0:
                 self._daemon_lost = True
                 self._fail(gone)
@@ -207,8 +209,12 @@ class VhostUserDevice:
             log.warning("virtio-%s: the daemon went away again while resuming: %s", self.type.name, exc)
             return True
         except (VhostUserError, OutsideGuestRam, RingError, DeviceSetupError) as exc:
+            # Redialling the same daemon would only repeat this: stop here;
+            # the guest's reset dials once more.
+            self._daemon_lost = True
             self._fail(f"the daemon came back but the device cannot resume: {exc}")
-            return True  # keep watching the new connection
+            await frontend.aclose()
+            return False
         log.warning("virtio-%s: the daemon is back (reconnect %d); rings %s resumed", self.type.name,
                     self.reconnects, sorted(self._rings))
         return True
