@@ -12,7 +12,12 @@
 * :class:`FakeMmioDevice` - a virtio-mmio v2 register file that logs every
   access, with knobs for the failure cases (refused features, slow reset,
   no device, moving config generation);
-* :class:`FakeBlkBackend` - a RAM disk that serves virtio-blk requests.
+* :class:`FakeBlkBackend` - a RAM disk that serves virtio-blk requests;
+* :class:`FakeGrants` - a guest grant table with SimGuest's
+  ``grant_dma_map``/``grant_dma_unmap``, so the drivers' real ``GrantDma``
+  runs against it, and the translation a device needs from grant addresses
+  back to guest RAM (RingDevice and FakeMmioDevice use it for every address
+  they are given, and record those addresses in ``dma_addrs``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import trio
 from bridge import split_ring as sr
 from bridge import virtio_mmio as regs
 from xen.sim import virtio_mmio_driver as mmio
+from xen.sim.guest_memory import grant_address, grant_page_count, grant_ref_of, is_grant_address
 
 RAM_BASE = 0x4000_0000
 RAM_SIZE = 16 << 20
@@ -72,6 +78,87 @@ class FakeRam:
         self.write(gpa, sr.U16.pack(value & 0xFFFF))
 
 
+class FakeGrantError(Exception):
+    """The device used a grant address the guest's grant table does not back."""
+
+
+class FakeGrants:
+    """The guest's grant table, as the simulator keeps it (refs from 8, the
+    lowest free run of consecutive refs per request), with SimGuest's DMA
+    grant calls, and the device-side translation of grant addresses.
+
+    ``translate(addr, length, write)`` is what a device does with an address
+    it was given: a grant address must name active grants (to this backend,
+    writable if the device writes) covering the whole buffer; any other
+    address passes through as guest-physical."""
+
+    FIRST_REF = 8
+
+    def __init__(self, backend_domid: int = 0) -> None:
+        self.backend_domid = backend_domid
+        self.entries: dict[int, tuple[int, bool, int]] = {}  # ref -> (gfn, readonly, domid)
+        self.map_calls = 0
+        self.unmap_calls = 0
+
+    @property
+    def active(self) -> int:
+        return len(self.entries)
+
+    def grant_seq(self, gfn: int, count: int, readonly: bool = False, domid: int = 0) -> int:
+        ref = self.FIRST_REF
+        while any(r in self.entries for r in range(ref, ref + count)):
+            ref += 1
+        for i in range(count):
+            self.entries[ref + i] = (gfn + i, readonly, domid)
+        return ref
+
+    def end(self, ref: int) -> None:
+        if self.entries.pop(ref, None) is None:
+            raise FakeGrantError(f"end_access of grant ref {ref}, which is not in use")
+
+    async def grant_dma_map(self, gpa: int, length: int, *, readonly: bool = False, backend_domid: int = 0) -> int:
+        await trio.lowlevel.checkpoint()
+        first, last = gpa >> 12, (gpa + length - 1) >> 12
+        ref = self.grant_seq(first, last - first + 1, readonly, backend_domid)
+        self.map_calls += 1
+        return grant_address(ref, gpa & 0xFFF)
+
+    async def grant_dma_unmap(self, addr: int, length: int) -> None:
+        await trio.lowlevel.checkpoint()
+        ref, offset = grant_ref_of(addr)
+        self.unmap_calls += 1
+        for i in range(grant_page_count(offset, length)):
+            self.end(ref + i)
+
+    def translate(self, addr: int, length: int, write: bool = False) -> int:
+        if not is_grant_address(addr):
+            return addr
+        ref, offset = grant_ref_of(addr)
+        gfn0 = None
+        for i in range(grant_page_count(offset, max(length, 1))):
+            entry = self.entries.get(ref + i)
+            if entry is None:
+                raise FakeGrantError(f"grant address {addr:#x}+{length:#x}: ref {ref + i} is not granted")
+            gfn, readonly, domid = entry
+            if domid != self.backend_domid:
+                raise FakeGrantError(f"grant ref {ref + i} is granted to domain {domid}, not {self.backend_domid}")
+            if write and readonly:
+                raise FakeGrantError(f"grant ref {ref + i} is read-only and the device writes it")
+            if gfn0 is None:
+                gfn0 = gfn
+            elif gfn != gfn0 + i:
+                raise FakeGrantError(f"grant refs from {ref} do not name consecutive frames")
+        assert gfn0 is not None
+        return (gfn0 << 12) + offset
+
+
+def identity(addr: int, length: int, write: bool = False) -> int:
+    return addr
+
+
+Translate = Callable[[int, int, bool], int]
+
+
 class FakeVcpu:
     def __init__(self, index: int, guest: FakeGuest) -> None:
         self.index = index
@@ -96,6 +183,7 @@ class FakeGuest:
         self.vcpus = [FakeVcpu(i, self) for i in range(nvcpus)]
         self.devices: list[FakeMmioDevice] = []
         self.nursery: trio.Nursery | None = None
+        self.grants = FakeGrants()
         self._handlers: dict[int, Callable[[], Awaitable[None]]] = {}
         self._running: set[int] = set()
         self._latched: set[int] = set()
@@ -109,6 +197,12 @@ class FakeGuest:
 
     def on_irq(self, irq: int, handler: Callable[[], Awaitable[None]]) -> None:
         self._handlers[irq] = handler
+
+    async def grant_dma_map(self, gpa: int, length: int, *, readonly: bool = False, backend_domid: int = 0) -> int:
+        return await self.grants.grant_dma_map(gpa, length, readonly=readonly, backend_domid=backend_domid)
+
+    async def grant_dma_unmap(self, addr: int, length: int) -> None:
+        await self.grants.grant_dma_unmap(addr, length)
 
     def edge(self, irq: int) -> None:
         """A rising edge on ``irq``."""
@@ -140,6 +234,10 @@ class DevChain:
     head: int
     bufs: list[tuple[int, int, bool]]  # (gpa, len, device-writable)
     indirect: bool = False
+    dev_bufs: list[tuple[int, int, bool]] = attrs.Factory(list)
+    """The same buffers with the addresses the descriptors held (DMA addresses)."""
+    table_addr: int | None = None
+    """The indirect table's address as the descriptor held it."""
 
     @property
     def readable(self) -> list[tuple[int, int]]:
@@ -165,14 +263,23 @@ class DevChain:
 
 
 class RingDevice:
-    """The device side of one split virtqueue."""
+    """The device side of one split virtqueue. ``desc``, ``avail`` and
+    ``used`` are the addresses the device was given; ``translate`` turns
+    those and every descriptor address into guest-physical ones (default:
+    they are guest-physical already). Every address given to the device is
+    appended to ``dma_addrs``."""
 
-    def __init__(self, ram: FakeRam, num: int, desc: int, avail: int, used: int, event_idx: bool = False) -> None:
+    def __init__(self, ram: FakeRam, num: int, desc: int, avail: int, used: int, event_idx: bool = False,
+                 *, translate: Translate = identity, dma_addrs: list[int] | None = None) -> None:
         self.ram = ram
         self.num = num
-        self.desc = desc
-        self.avail = avail
-        self.used = used
+        self.translate = translate
+        self.dma_addrs = dma_addrs if dma_addrs is not None else []
+        self.dma_addrs += [desc, avail, used]
+        self.ring_addrs = (desc, avail, used)
+        self.desc = translate(desc, sr.desc_table_size(num), False)
+        self.avail = translate(avail, sr.avail_ring_size(num), False)
+        self.used = translate(used, sr.used_ring_size(num), True)
         self.event_idx = event_idx
         self.last_avail = 0
         self.used_idx = 0
@@ -189,7 +296,9 @@ class RingDevice:
 
     def walk(self, head: int) -> DevChain:
         bufs: list[tuple[int, int, bool]] = []
+        dev_bufs: list[tuple[int, int, bool]] = []
         index, table, table_len, indirect = head, None, self.num, False
+        table_addr = None
         seen_writable = False
         for _ in range(self.num + 1 + 4096):
             addr, length, flags, nxt = self.read_desc(index, table)
@@ -197,17 +306,34 @@ class RingDevice:
                 assert table is None, "INDIRECT inside an indirect table"
                 assert not flags & sr.VIRTQ_DESC_F_NEXT, "INDIRECT together with NEXT"
                 assert length and length % sr.DESC_SIZE == 0, f"bad indirect table length {length}"
-                table, table_len, index, indirect = addr, length // sr.DESC_SIZE, 0, True
+                self.dma_addrs.append(addr)
+                table_addr = addr
+                table = self.translate(addr, length, False)
+                table_len, index, indirect = length // sr.DESC_SIZE, 0, True
                 continue
             writable = bool(flags & sr.VIRTQ_DESC_F_WRITE)
             assert writable or not seen_writable, "device-readable descriptor after a device-writable one"
             seen_writable |= writable
-            bufs.append((addr, length, writable))
+            self.dma_addrs.append(addr)
+            dev_bufs.append((addr, length, writable))
+            bufs.append((self.translate(addr, length, writable), length, writable))
             if not flags & sr.VIRTQ_DESC_F_NEXT:
-                return DevChain(head, bufs, indirect)
+                return DevChain(head, bufs, indirect, dev_bufs, table_addr)
             assert nxt < table_len, f"next {nxt} out of range"
             index = nxt
         raise AssertionError("descriptor chain loops")
+
+    def check_mapped(self, chain: DevChain) -> None:
+        """The buffers of ``chain`` still translate to the same guest memory
+        (with grants: the driver has not ended them before the device is
+        done); raises FakeGrantError otherwise."""
+        for (addr, length, writable), (gpa, _, _) in zip(chain.dev_bufs, chain.bufs):
+            if self.translate(addr, length, writable) != gpa:
+                raise FakeGrantError(f"buffer {addr:#x} of chain {chain.head} moved while the device owned it")
+        ring_lengths = (sr.desc_table_size(self.num), sr.avail_ring_size(self.num), sr.used_ring_size(self.num))
+        for addr, length, gpa in zip(self.ring_addrs, ring_lengths, (self.desc, self.avail, self.used)):
+            if self.translate(addr, length, False) != gpa:
+                raise FakeGrantError(f"ring at {addr:#x} moved while the queue is live")
 
     def pop_avail(self) -> list[DevChain]:
         chains = []
@@ -297,6 +423,8 @@ class FakeMmioDevice:
         self.handler = handler
         self.hold = hold
         self.log: list[tuple[str, str, int]] = []
+        self.dma_addrs: list[int] = []
+        """Every address the device was given: queue registers, descriptors, indirect tables."""
         self.notifies: list[tuple[int, int]] = []  # (queue, vCPU index)
         self.pending: dict[int, list[DevChain]] = {}
         self.edges = 0
@@ -366,6 +494,7 @@ class FakeMmioDevice:
             chains, self.pending[queue] = self.pending.get(queue, []), []
         assert self.handler is not None
         for chain in chains:
+            self.ring(queue).check_mapped(chain)
             length = self.handler(self, queue, chain)
             if length is not None:
                 self.complete(queue, chain.head, length)
@@ -467,7 +596,8 @@ class FakeMmioDevice:
             if q.ready:
                 assert sr.is_valid_queue_size(q.num), f"bad QueueNum {q.num}"
                 q.ring = RingDevice(self.ram, q.num, q.desc, q.driver, q.device,
-                                    event_idx=bool(self.driver_features >> 29 & 1))
+                                    event_idx=bool(self.driver_features >> 29 & 1),
+                                    translate=self.guest.grants.translate, dma_addrs=self.dma_addrs)
             else:
                 q.ring = None
         elif offset == regs.QUEUE_NOTIFY:
@@ -577,3 +707,29 @@ class FakeBlkBackend:
             [n for _, n in readable[1:]], [n for _, n in writable], chain.indirect, status,
         ))
         return len(data) + 1 if status == 0 else 1
+
+
+# -- DMA checks ----------------------------------------------------------------
+
+DMA_MODES = ["identity", "grant"]
+"""For ``pytest.mark.parametrize("dma_mode", DMA_MODES)``."""
+
+
+def assert_dma_state(dma_mode: str, dma, grants: FakeGrants, dma_addrs: list[int], *, ring_blocks: int) -> None:
+    """What a device may see, and what may stay mapped, in either mode.
+
+    identity: no address the device saw is a grant address, nothing granted.
+    grant: every address the device saw is a grant address (bit 63), the
+    only live DMA mappings are ``ring_blocks`` coherent ones (the rings of
+    the live queues), and the grant table holds exactly their references."""
+    assert dma_addrs, "the device saw no address at all"
+    if dma_mode == "identity":
+        assert not any(is_grant_address(a) for a in dma_addrs)
+        assert grants.active == 0 and grants.map_calls == 0
+        return
+    plain = [hex(a) for a in dma_addrs if not is_grant_address(a)]
+    assert not plain, f"the device saw guest-physical addresses {plain}"
+    streaming = {hex(a): entry for a, entry in dma.live.items() if not entry[2]}
+    assert not streaming, f"buffers still mapped: {streaming}"
+    assert len(dma.live) == ring_blocks
+    assert grants.active == dma.live_refs(coherent=True)

@@ -8,18 +8,21 @@ import trio
 import trio.testing
 
 from tests.guest_driver_fakes import (
+    DMA_MODES,
     IRQ,
     MMIO_BASE,
     FakeBlkBackend,
     FakeGuest,
     FakeMmioDevice,
     FakeRam,
+    assert_dma_state,
     blk_config,
 )
 from xen.sim import virtio_blk as vb
 from bridge import virtio_mmio as regs
 from xen.sim import virtio_mmio_driver as mmio
-from xen.sim.guest_memory import GuestAllocator
+from xen.sim.guest_dma import GrantDma
+from xen.sim.guest_memory import GuestAllocator, is_grant_address
 from xen.sim.guest_virtqueue import DeviceMisbehaved, QueueDetached
 
 MAGIC = regs.MAGIC
@@ -42,7 +45,7 @@ BLK_ALL = V1 | EVENT_IDX | INDIRECT | bits(vb.VIRTIO_BLK_F_SIZE_MAX, vb.VIRTIO_B
 
 class Rig:
     def __init__(self, nursery=None, *, features=BLK_ALL, capacity=2048, size_max=65536, seg_max=126,
-                 blk_size=512, num_queues=1, nvcpus=2, ram=None, backend=True, **device_kw):
+                 blk_size=512, num_queues=1, nvcpus=2, ram=None, backend=True, dma_mode="identity", **device_kw):
         self.guest = FakeGuest(ram, nvcpus=nvcpus)
         self.guest.nursery = nursery
         self.backend = FakeBlkBackend(capacity) if backend else None
@@ -53,12 +56,20 @@ class Rig:
             **device_kw,
         )
         self.alloc = GuestAllocator(self.guest.ram.base, self.guest.ram.size)
+        self.dma_mode = dma_mode
+        self.dma = GrantDma(self.guest) if dma_mode == "grant" else None
         self.t = mmio.VirtioMmioDriver(None, self.guest.ram, self.alloc, MMIO_BASE, IRQ, self.guest,
-                                       reset_poll_interval=0.0005)
+                                       reset_poll_interval=0.0005, dma=self.dma)
 
     async def open(self, **kw):
         self.blk = await vb.VirtioBlkDriver.open(self.t, **kw)
         return self.blk
+
+    def check_dma(self):
+        """Every address the device saw is right for the mode, and only the
+        rings of the live queues are still mapped (one block per queue)."""
+        assert_dma_state(self.dma_mode, self.dma, self.guest.grants, self.dev.dma_addrs,
+                         ring_blocks=len(self.t.queues))
 
 
 def probe_log(device_features, negotiated):
@@ -257,8 +268,9 @@ async def test_setup_queue_refuses_a_live_queue():
     assert rig.alloc.allocation_count == allocations
 
 
-async def test_reset_tears_down_queues_and_device_can_be_probed_again(nursery):
-    rig = Rig(nursery, hold=True)
+@pytest.mark.parametrize("dma_mode", DMA_MODES)
+async def test_reset_tears_down_queues_and_device_can_be_probed_again(nursery, dma_mode):
+    rig = Rig(nursery, hold=True, dma_mode=dma_mode)
     blk = await rig.open()
     assert rig.alloc.allocation_count == 1
     results = []
@@ -279,11 +291,15 @@ async def test_reset_tears_down_queues_and_device_can_be_probed_again(nursery):
     assert rig.dev.log == [("W", "Status", 0), ("R", "Status", 0), ("W", "QueueSel", 0), ("W", "QueueReady", 0),
                            ("R", "QueueReady", 0)]
     assert rig.t.queues == {} and rig.alloc.allocation_count == 0
+    rig.check_dma()  # not even the rings are mapped after a reset
     assert await rig.t.status() == 0
     rig.dev.hold = False
     blk = await rig.open()
     await blk.write(8, b"\x5a" * 512)
     assert await blk.read(8, 512) == b"\x5a" * 512
+    rig.check_dma()
+    await blk.close()
+    rig.check_dma()
 
 
 # -- transport: interrupts ---------------------------------------------------
@@ -369,8 +385,9 @@ async def test_needs_reset():
     assert await rig.t.needs_reset()
 
 
-async def test_misbehaving_device_fails_the_request(nursery):
-    rig = Rig(nursery, hold=True)
+@pytest.mark.parametrize("dma_mode", DMA_MODES)
+async def test_misbehaving_device_fails_the_request(nursery, dma_mode):
+    rig = Rig(nursery, hold=True, dma_mode=dma_mode)
     blk = await rig.open()
     errors = []
 
@@ -387,6 +404,11 @@ async def test_misbehaving_device_fails_the_request(nursery):
     assert len(errors) == 1 and len(rig.t.irq_errors) == 1
     with pytest.raises(DeviceMisbehaved):
         await blk.read(0, 512)
+    if dma_mode == "grant":
+        # The device may still write the request it never returned: header, data, status, table.
+        assert len(rig.dma.live) == 1 + 4
+    await rig.t.reset()
+    rig.check_dma()  # after the reset it cannot: nothing stays mapped
 
 
 # -- virtio-blk ----------------------------------------------------------------
@@ -414,8 +436,9 @@ async def test_open_negotiates_reads_config_and_sets_driver_ok(nursery):
     assert rig.dev.log[-1] == ("W", "Status", 15)
 
 
-async def test_request_headers_and_chain_shapes(nursery):
-    rig = Rig(nursery, features=BLK_ALL & ~INDIRECT)
+@pytest.mark.parametrize("dma_mode", DMA_MODES)
+async def test_request_headers_and_chain_shapes(nursery, dma_mode):
+    rig = Rig(nursery, features=BLK_ALL & ~INDIRECT, dma_mode=dma_mode)
     blk = await rig.open()
     await blk.write(7, bytes(range(256)) * 4)
     await blk.read(7, 1024)
@@ -431,11 +454,13 @@ async def test_request_headers_and_chain_shapes(nursery):
     ]
     assert not any(r.indirect for r in records)
     assert rig.backend.flushes == 1
+    rig.check_dma()
     assert vb.OUTHDR.pack(vb.VIRTIO_BLK_T_IN, 0, 7) == struct.pack("<IIQ", 0, 0, 7)
 
 
-async def test_write_then_read_back(nursery):
-    rig = Rig(nursery)
+@pytest.mark.parametrize("dma_mode", DMA_MODES)
+async def test_write_then_read_back(nursery, dma_mode):
+    rig = Rig(nursery, dma_mode=dma_mode)
     blk = await rig.open()
     data = bytes((i * 7) & 0xFF for i in range(8192))
     await blk.write(100, data)
@@ -443,6 +468,7 @@ async def test_write_then_read_back(nursery):
     assert await blk.read(100, 8192) == data
     assert await blk.read(99, 512) == bytes(512)
     assert rig.backend.requests[0].indirect
+    rig.check_dma()
 
 
 async def test_segments_honour_size_max_and_seg_max(nursery):
@@ -556,9 +582,10 @@ async def test_range_checks(nursery):
     await blk.read(15, 512)
 
 
+@pytest.mark.parametrize("dma_mode", DMA_MODES)
 @pytest.mark.parametrize("features, max_chains", [(BLK_ALL & ~INDIRECT, 2), (BLK_ALL, 8)])
-async def test_many_requests_in_flight(nursery, features, max_chains):
-    rig = Rig(nursery, features=features, hold=True, queue_num_max=(8,))
+async def test_many_requests_in_flight(nursery, features, max_chains, dma_mode):
+    rig = Rig(nursery, features=features, hold=True, queue_num_max=(8,), dma_mode=dma_mode)
     blk = await rig.open()
     baseline = rig.alloc.allocation_count
     for sector in range(40):
@@ -581,23 +608,29 @@ async def test_many_requests_in_flight(nursery, features, max_chains):
     assert results == {s: bytes([s]) * 512 for s in range(40)}
     assert rig.alloc.allocation_count == baseline
     assert blk.queues[0].num_free == 8
+    rig.check_dma()
 
 
-async def test_cancelled_request_keeps_buffers_until_the_device_returns_them(nursery):
-    rig = Rig(nursery, hold=True)
+@pytest.mark.parametrize("dma_mode", DMA_MODES)
+async def test_cancelled_request_keeps_buffers_until_the_device_returns_them(nursery, dma_mode):
+    rig = Rig(nursery, hold=True, dma_mode=dma_mode)
     blk = await rig.open()
     baseline = rig.alloc.allocation_count
     with trio.move_on_after(0.01):
         await blk.read(0, 4096)
     assert rig.alloc.allocation_count == baseline + 3  # header/status, data, indirect table
-    rig.dev.serve(0)
+    if dma_mode == "grant":
+        assert len(rig.dma.live) == 1 + 4  # and still granted: header, data, status, table
+    rig.dev.serve(0)  # checks the grants are still there as the device uses them
     await trio.testing.wait_all_tasks_blocked()
     assert rig.alloc.allocation_count == baseline
+    rig.check_dma()
 
 
-async def test_multiqueue_maps_vcpus_to_queues(nursery):
+@pytest.mark.parametrize("dma_mode", DMA_MODES)
+async def test_multiqueue_maps_vcpus_to_queues(nursery, dma_mode):
     rig = Rig(nursery, features=BLK_ALL | bits(vb.VIRTIO_BLK_F_MQ), num_queues=4, queue_num_max=(64,) * 4,
-              nvcpus=2)
+              nvcpus=2, dma_mode=dma_mode)
     blk = await rig.open(queue_size=32)
     assert blk.device_num_queues == 4 and len(blk.queues) == 2
     assert [vq.size for vq in blk.queues] == [32, 32]
@@ -606,6 +639,7 @@ async def test_multiqueue_maps_vcpus_to_queues(nursery):
     assert await blk.read(0, 512, vcpu=v0) == b"\x09" * 512
     assert [r.queue for r in rig.backend.requests] == [1, 0]
     assert rig.dev.notifies == [(1, 1), (0, 0)]
+    rig.check_dma()
 
 
 async def test_mq_with_zero_queues_fails_the_device():
@@ -623,3 +657,54 @@ async def test_event_idx_interrupts_only_when_asked(nursery):
     ring = rig.dev.ring(0)
     assert ring.used_event() == 5 == blk.queues[0].last_used_idx
     assert rig.t.interrupts_handled == 5
+
+
+# -- grant mode (xen-grant-dma-ops) --------------------------------------------
+
+
+async def test_grant_mode_programs_the_queue_registers_with_grant_addresses():
+    rig = Rig(dma_mode="grant", queue_num_max=(64,))
+    await rig.t.probe(vb.DEFAULT_FEATURES)
+    rig.dev.clear_log()
+    vq = await rig.t.setup_queue(0)
+    assert [name for _, name, _ in rig.dev.log] == [
+        "QueueSel", "QueueReady", "QueueNumMax", "QueueNum", "QueueDescLow", "QueueDescHigh",
+        "QueueDriverLow", "QueueDriverHigh", "QueueDeviceLow", "QueueDeviceHigh", "QueueReady",
+    ]
+    regs_ = rig.dev.queues[0]
+    assert (regs_.desc, regs_.driver, regs_.device) == (vq.desc_dma, vq.avail_dma, vq.used_dma)
+    assert all(is_grant_address(a) for a in (regs_.desc, regs_.driver, regs_.device))
+    high = [value for _, name, value in rig.dev.log if name.endswith("High")]
+    assert all(value & 0x8000_0000 for value in high)  # bit 63 is in the high word
+    # The device finds the rings through the grants.
+    ring = rig.dev.ring(0)
+    assert (ring.desc, ring.avail, ring.used) == (vq.desc_gpa, vq.avail_gpa, vq.used_gpa)
+    assert rig.guest.grants.active == rig.dma.live_refs(coherent=True) > 0
+
+
+async def test_grant_mode_failed_queue_setup_unmaps_the_rings():
+    rig = Rig(dma_mode="grant")
+    await rig.t.probe(vb.DEFAULT_FEATURES)
+    original = rig.dev.mmio_write
+
+    def refuse(offset, size, value, vcpu):
+        if offset == regs.QUEUE_DEVICE_HIGH:
+            raise RuntimeError("bus error")
+        original(offset, size, value, vcpu)
+
+    rig.dev.mmio_write = refuse
+    with pytest.raises(RuntimeError, match="bus error"):
+        await rig.t.setup_queue(0)
+    assert rig.guest.grants.active == 0 and not rig.dma.live and rig.alloc.allocation_count == 0
+
+
+async def test_grant_mode_serial_and_flush(nursery):
+    rig = Rig(nursery, dma_mode="grant")
+    blk = await rig.open()
+    assert await blk.get_id() == b"fake-blk-0001"
+    await blk.flush()
+    assert rig.backend.flushes == 1
+    rig.check_dma()
+    # One grant call per buffer and per table, each ended again.
+    grants = rig.guest.grants
+    assert grants.map_calls - 1 == grants.unmap_calls

@@ -27,6 +27,29 @@ instead of corrupting the free list.
 
 All ring accesses go through ``GuestRam.read``/``write``; the queue keeps no
 memoryview of guest RAM, so the RAM can be unmapped at any time.
+
+DMA addresses (xen/sim/guest_dma.py): the device sees DMA addresses, the
+driver keeps using guest-physical ones for its own accesses. With the
+default identity layer they are the same and nothing else happens. With a
+layer that ``needs_calls`` (Xen grants):
+
+* the rings are mapped once, coherent, by :meth:`GuestVirtqueue.map_rings`
+  (``desc_dma``/``avail_dma``/``used_dma`` are what the transport programs)
+  and unmapped when the queue is deleted (:meth:`GuestVirtqueue.delete`);
+* :meth:`GuestVirtqueue.add` maps every buffer (``device_writes`` for the
+  device-writable ones) and the indirect table, and descriptors carry the
+  DMA addresses;
+* when the device returns a chain, :meth:`GuestVirtqueue.collect_used`
+  recycles its descriptors at once but leaves the chain on a list of
+  returned chains; :meth:`GuestVirtqueue.unmap_returned` (which
+  :meth:`GuestVirtqueue.handle_used` runs after collecting) unmaps its
+  buffers, frees its indirect table and only then completes the request, as
+  Linux's detach_buf_split unmaps before virtqueue_get_buf hands the buffer
+  back. The driver reads device-written data from its own RAM afterwards;
+* at reset, :meth:`GuestVirtqueue.delete` unmaps what is still in flight,
+  then the rings, and fails the requests after their buffers are unmapped.
+  Chains of a queue the device broke stay mapped (the device may still
+  write them) until that reset.
 """
 
 from __future__ import annotations
@@ -39,6 +62,7 @@ from typing import Any, Protocol
 import trio
 
 from bridge import split_ring as sr
+from xen.sim.guest_dma import IDENTITY_DMA, GuestDma
 from xen.sim.guest_memory import GuestAllocator, GuestMemoryExhausted
 
 logger = logging.getLogger(__name__)
@@ -148,14 +172,32 @@ class Completion:
         return f"<Completion head={self.head} {state}>"
 
 
-class _Chain:
-    __slots__ = ("descs", "indirect_gpa", "writable", "completion")
+DmaMapping = tuple[int, int]
+"""(DMA address, length) of one DMA mapping of a chain."""
 
-    def __init__(self, descs: list[int], indirect_gpa: int | None, writable: int, completion: Completion) -> None:
+
+class _Chain:
+    __slots__ = ("descs", "indirect_gpa", "writable", "completion", "mappings")
+
+    def __init__(self, descs: list[int], indirect_gpa: int | None, writable: int, completion: Completion,
+                 mappings: list[DmaMapping] | None = None) -> None:
         self.descs = descs
         self.indirect_gpa = indirect_gpa
         self.writable = writable
         self.completion = completion
+        self.mappings = mappings
+        """What to unmap once the device is done (None: identity DMA)."""
+
+
+class _Retired:
+    """Mappings to undo, then ``finish()`` (with a DMA layer that needs calls)."""
+
+    __slots__ = ("mappings", "coherent", "finish")
+
+    def __init__(self, mappings: list[DmaMapping], finish: Callable[[], None] | None, coherent: bool = False) -> None:
+        self.mappings = mappings
+        self.coherent = coherent
+        self.finish = finish
 
 
 class _DescWaiter:
@@ -169,7 +211,9 @@ class _DescWaiter:
 
 
 class GuestVirtqueue:
-    """One split virtqueue, driver side. Build it with :meth:`create`."""
+    """One split virtqueue, driver side. Build it with :meth:`create`; with
+    a DMA layer that needs calls, ``await map_rings()`` before giving the
+    device ``desc_dma``/``avail_dma``/``used_dma``."""
 
     def __init__(
         self,
@@ -185,6 +229,8 @@ class GuestVirtqueue:
         event_idx: bool = False,
         indirect: bool = False,
         ring_allocations: Sequence[int] = (),
+        dma: GuestDma | None = None,
+        ring_blocks: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         if not sr.is_valid_queue_size(size):
             raise ValueError(f"split virtqueue size must be a power of two <= {sr.MAX_QUEUE_SIZE}, not {size}")
@@ -205,6 +251,26 @@ class GuestVirtqueue:
         self.event_idx = event_idx
         self.indirect = indirect
         self._ring_allocations = list(ring_allocations)
+        self.dma: GuestDma = dma if dma is not None else IDENTITY_DMA
+        # None on the identity path: no call, no await per request.
+        self._dma: GuestDma | None = self.dma if self.dma.needs_calls else None
+        if ring_blocks is None:
+            ring_blocks = [(desc_gpa, sr.desc_table_size(size)), (avail_gpa, sr.avail_ring_size(size)),
+                           (used_gpa, sr.used_ring_size(size))]
+        self._ring_blocks = [(gpa, length) for gpa, length in ring_blocks]
+        """(gpa, length) of each piece of ring memory, mapped as one coherent mapping each."""
+        self._ring_mappings: list[tuple[int, int, int]] = []  # (dma, length, gpa)
+        self.desc_dma: int | None = desc_gpa if self._dma is None else None
+        """The DMA addresses the device is given (None until :meth:`map_rings`)."""
+        self.avail_dma: int | None = avail_gpa if self._dma is None else None
+        self.used_dma: int | None = used_gpa if self._dma is None else None
+        self._retired: deque[_Retired] = deque()
+        self._draining: trio.Event | None = None
+        self._abandoned: list[_Chain] = []
+        self._adds_mapping = 0
+        self._adds_mapping_done = trio.lowlevel.ParkingLot()
+        self.unmap_errors = 0
+        """Unmaps that failed (logged; the grant may stay active)."""
         self._mask = size - 1
         # Free descriptors as a stack: the next chain takes from the end, a
         # freed chain goes back head-last so it is reused head first (like
@@ -235,6 +301,7 @@ class GuestVirtqueue:
         indirect: bool = False,
         vring_align: int = VRING_ALIGN,
         separate_rings: bool = False,
+        dma: GuestDma | None = None,
     ) -> GuestVirtqueue:
         """Allocate and zero the three parts in guest RAM and return the queue.
 
@@ -243,6 +310,9 @@ class GuestVirtqueue:
         used ring at the next ``vring_align`` boundary. ``separate_rings``
         allocates the three parts independently, with the spec's minimum
         alignments (16, 2, 4), which exercises devices that assume nothing.
+
+        ``dma`` (default: identity) gives the device its addresses; a layer
+        that needs calls maps each ring block at :meth:`map_rings`.
         """
         if not sr.is_valid_queue_size(size):
             raise ValueError(f"split virtqueue size must be a power of two <= {sr.MAX_QUEUE_SIZE}, not {size}")
@@ -258,7 +328,8 @@ class GuestVirtqueue:
                 allocations.append(avail_gpa)
                 used_gpa = allocator.allocate(used_len, sr.USED_ALIGN)
                 allocations.append(used_gpa)
-                for gpa, length in ((desc_gpa, desc_len), (avail_gpa, avail_len), (used_gpa, used_len)):
+                blocks = [(desc_gpa, desc_len), (avail_gpa, avail_len), (used_gpa, used_len)]
+                for gpa, length in blocks:
                     ram.write(gpa, bytes(length))
             else:
                 if vring_align < sr.DESC_ALIGN or vring_align & (vring_align - 1):
@@ -270,12 +341,38 @@ class GuestVirtqueue:
                 ram.write(desc_gpa, bytes(total))
                 avail_gpa = desc_gpa + desc_len
                 used_gpa = desc_gpa + used_off
+                # One block, one coherent mapping (vring_alloc_queue).
+                blocks = [(desc_gpa, total)]
         except BaseException:
             for gpa in allocations:
                 allocator.free(gpa)
             raise
         return cls(ram, index, size, desc_gpa, avail_gpa, used_gpa, notify, allocator=allocator,
-                   event_idx=event_idx, indirect=indirect, ring_allocations=allocations)
+                   event_idx=event_idx, indirect=indirect, ring_allocations=allocations, dma=dma,
+                   ring_blocks=blocks)
+
+    async def map_rings(self) -> None:
+        """Map the ring memory for the device (dma_alloc_coherent's mapping):
+        sets ``desc_dma``, ``avail_dma`` and ``used_dma``. Nothing to do for
+        the identity layer or when already mapped. The mappings live until
+        :meth:`delete`."""
+        if self._dma is None or self.desc_dma is not None:
+            return
+        self._check_usable()
+        with trio.CancelScope(shield=True):
+            for gpa, length in self._ring_blocks[len(self._ring_mappings):]:
+                addr = await self._dma.map_coherent(gpa, length)
+                self._ring_mappings.append((addr, length, gpa))
+
+        def dma_of(gpa: int) -> int:
+            for addr, length, block in self._ring_mappings:
+                if block <= gpa < block + length:
+                    return addr + gpa - block
+            raise ValueError(f"virtqueue {self.index}: ring part at {gpa:#x} is in no ring block")
+
+        self.desc_dma = dma_of(self.desc_gpa)
+        self.avail_dma = dma_of(self.avail_gpa)
+        self.used_dma = dma_of(self.used_gpa)
 
     # -- state --------------------------------------------------------------
 
@@ -344,7 +441,10 @@ class GuestVirtqueue:
         try:
             descs = await self._take(1 if table is not None else total)
             try:
-                completion = self._publish(bufs, descs, table, token)
+                if self._dma is None:
+                    completion = self._publish(bufs, descs, table, token)
+                else:
+                    completion = await self._map_and_publish(bufs, descs, table, token)
             except BaseException:
                 self._release(descs)
                 raise
@@ -379,31 +479,71 @@ class GuestVirtqueue:
             raise ValueError(f"descriptor chain of {chain_bytes} bytes exceeds 2^32")
         return bufs
 
+    async def _map_and_publish(self, bufs: list[tuple[int, int, int]], descs: list[int], table: int | None,
+                               token: object) -> Completion:
+        """Map every buffer (and the indirect table) for the device, then
+        publish the chain with the DMA addresses (vring_map_one_sg and
+        vring_map_single in virtqueue_add_split)."""
+        dma = self._dma
+        assert dma is not None
+        mappings: list[DmaMapping] = []
+        self._adds_mapping += 1
+        try:
+            try:
+                # Shielded: a mapping made but not recorded here would leak.
+                with trio.CancelScope(shield=True):
+                    dev_bufs: list[tuple[int, int, int]] = []
+                    for gpa, length, flags in bufs:
+                        addr = await dma.map(gpa, length, device_writes=bool(flags & sr.VIRTQ_DESC_F_WRITE))
+                        mappings.append((addr, length))
+                        dev_bufs.append((addr, length, flags))
+                    table_dma = None
+                    if table is not None:
+                        table_len = sr.DESC_SIZE * len(bufs)
+                        table_dma = await dma.map(table, table_len, device_writes=False)
+                        mappings.append((table_dma, table_len))
+                # The queue may have been deleted (reset) while we mapped.
+                self._check_usable()
+                return self._publish(dev_bufs, descs, table, token, table_dma, mappings)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._unmap_all(mappings)
+                raise
+        finally:
+            self._adds_mapping -= 1
+            if not self._adds_mapping:
+                self._adds_mapping_done.unpark_all()
+
     def _publish(self, bufs: list[tuple[int, int, int]], descs: list[int], table: int | None,
-                 token: object) -> Completion:
+                 token: object, table_dma: int | None = None, mappings: list[DmaMapping] | None = None) -> Completion:
+        """Write the chain and expose it. ``bufs`` hold the addresses the
+        device is given (DMA addresses); ``table`` is the guest-physical
+        address of the indirect table, ``table_dma`` the device's (default:
+        the same)."""
         ram = self._ram
         head = descs[0]
         total = len(bufs)
         if table is not None:
             blob = bytearray(sr.DESC_SIZE * total)
-            for i, (gpa, length, flags) in enumerate(bufs):
+            for i, (addr, length, flags) in enumerate(bufs):
                 if i + 1 < total:
-                    sr.DESC.pack_into(blob, sr.DESC_SIZE * i, gpa, length, flags | sr.VIRTQ_DESC_F_NEXT, i + 1)
+                    sr.DESC.pack_into(blob, sr.DESC_SIZE * i, addr, length, flags | sr.VIRTQ_DESC_F_NEXT, i + 1)
                 else:
-                    sr.DESC.pack_into(blob, sr.DESC_SIZE * i, gpa, length, flags, 0)
+                    sr.DESC.pack_into(blob, sr.DESC_SIZE * i, addr, length, flags, 0)
             ram.write(table, bytes(blob))
             ram.write(self.desc_gpa + sr.DESC_SIZE * head,
-                      sr.DESC.pack(table, sr.DESC_SIZE * total, sr.VIRTQ_DESC_F_INDIRECT, 0))
+                      sr.DESC.pack(table if table_dma is None else table_dma, sr.DESC_SIZE * total,
+                                   sr.VIRTQ_DESC_F_INDIRECT, 0))
         else:
-            for i, (gpa, length, flags) in enumerate(bufs):
+            for i, (addr, length, flags) in enumerate(bufs):
                 if i + 1 < total:
-                    entry = sr.DESC.pack(gpa, length, flags | sr.VIRTQ_DESC_F_NEXT, descs[i + 1])
+                    entry = sr.DESC.pack(addr, length, flags | sr.VIRTQ_DESC_F_NEXT, descs[i + 1])
                 else:
-                    entry = sr.DESC.pack(gpa, length, flags, 0)
+                    entry = sr.DESC.pack(addr, length, flags, 0)
                 ram.write(self.desc_gpa + sr.DESC_SIZE * descs[i], entry)
         writable = sum(length for _, length, flags in bufs if flags & sr.VIRTQ_DESC_F_WRITE)
         completion = Completion(head, token)
-        self._in_flight[head] = _Chain(descs, table, writable, completion)
+        self._in_flight[head] = _Chain(descs, table, writable, completion, mappings)
         self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
         # The ring entry first, then the index that exposes it.
         slot = self._avail_idx & self._mask
@@ -483,7 +623,11 @@ class GuestVirtqueue:
         """Complete every chain the device has put in the used ring; called
         from the interrupt handler. Returns how many were completed. Raises
         :class:`DeviceMisbehaved` (after failing every waiter) if the used
-        ring is inconsistent."""
+        ring is inconsistent.
+
+        With a DMA layer that needs calls, the chains are taken off the used
+        ring and their descriptors recycled, but they are completed only by
+        :meth:`unmap_returned`, once unmapped: use :meth:`handle_used`."""
         if self.detached or self.broken:
             return 0
         ram = self._ram
@@ -511,10 +655,14 @@ class GuestVirtqueue:
                 self._last_used = (self._last_used + 1) & 0xFFFF
                 if self.event_idx:
                     ram.write(used_event_gpa, sr.U16.pack(self._last_used))
-                self._free_chain(chain)
                 count += 1
                 self.used_collected += 1
-                chain.completion._finish(used_len=used_len)
+                if chain.mappings is None:
+                    self._free_chain(chain)
+                    chain.completion._finish(used_len=used_len)
+                else:
+                    self._release(chain.descs)
+                    self._retired.append(_Retired(chain.mappings, self._finisher(chain, used_len=used_len)))
             # Re-check after publishing used_event: an entry added meanwhile
             # may not raise another interrupt.
             if self._read16(used_idx_gpa) == self._last_used:
@@ -527,14 +675,76 @@ class GuestVirtqueue:
             chain.indirect_gpa = None
         self._release(chain.descs)
 
+    async def handle_used(self) -> int:
+        """:meth:`collect_used`, then :meth:`unmap_returned` (also when the
+        device misbehaved): what an interrupt handler calls. Returns how
+        many chains came back."""
+        if self._dma is None:
+            return self.collect_used()
+        try:
+            return self.collect_used()
+        finally:
+            await self.unmap_returned()
+
+    async def unmap_returned(self) -> None:
+        """Unmap the chains the device returned (and, after a reset, those
+        it no longer owns, then the rings), completing each request once
+        its buffers are unmapped. Returns when nothing is left to unmap,
+        also if another task was already at it. The unmapping itself is not
+        cancellable (a half-unmapped chain would leak grants)."""
+        while self._draining is not None:
+            await self._draining.wait()
+        if not self._retired:
+            return
+        done = self._draining = trio.Event()
+        try:
+            with trio.CancelScope(shield=True):
+                while self._retired:
+                    item = self._retired.popleft()
+                    await self._unmap_all(item.mappings, coherent=item.coherent)
+                    if item.finish is not None:
+                        item.finish()
+        finally:
+            self._draining = None
+            done.set()
+
+    async def _unmap_all(self, mappings: Sequence[DmaMapping], *, coherent: bool = False) -> None:
+        dma = self._dma
+        assert dma is not None or not mappings
+        for addr, length in mappings:
+            try:
+                if coherent:
+                    await dma.unmap_coherent(addr, length)
+                else:
+                    await dma.unmap(addr, length)
+            except Exception:
+                # xen-grant-dma marks itself broken when a grant stays in
+                # use; here the request still completes and the leak shows
+                # in the grant table.
+                self.unmap_errors += 1
+                logger.exception("virtqueue %d: unmapping %#x+%#x failed", self.index, addr, length)
+
+    def _finisher(self, chain: _Chain, *, used_len: int | None = None,
+                  error: VirtioDriverError | None = None) -> Callable[[], None]:
+        def finish() -> None:
+            if chain.indirect_gpa is not None and self._allocator is not None:
+                self._allocator.free(chain.indirect_gpa)
+                chain.indirect_gpa = None
+            chain.completion._finish(used_len=used_len, error=error)
+
+        return finish
+
     def _break(self, reason: str) -> DeviceMisbehaved:
         message = f"virtqueue {self.index}: device misbehaved: {reason}"
         logger.error("%s", message)
         self.broken = True
         # The device may still own the in-flight buffers: complete them with
-        # the error but do not recycle their descriptors or tables.
+        # the error but do not recycle their descriptors or tables, nor
+        # unmap them before the device is reset.
         chains, self._in_flight = list(self._in_flight.values()), {}
         for chain in chains:
+            if chain.mappings:
+                self._abandoned.append(chain)
             chain.completion._finish(error=DeviceMisbehaved(message))
         self._fail_waiters(lambda: DeviceMisbehaved(message))
         return DeviceMisbehaved(message)
@@ -548,22 +758,57 @@ class GuestVirtqueue:
     def detach(self, reason: str = "device reset") -> None:
         """Tear the queue down after the device was reset (it no longer
         touches the rings): fail in-flight requests and waiters with
-        :class:`QueueDetached` and give the ring memory back."""
+        :class:`QueueDetached` and give the ring memory back.
+
+        With a DMA layer that needs calls, the in-flight chains and the
+        rings are unmapped (and the requests failed, and the memory freed)
+        by the next :meth:`unmap_returned`: use :meth:`delete`."""
         if self.detached:
             return
         self.detached = True
         message = f"virtqueue {self.index}: {reason}"
         chains, self._in_flight = list(self._in_flight.values()), {}
         for chain in chains:
+            if chain.mappings is not None:
+                self._retired.append(_Retired(chain.mappings, self._finisher(chain, error=QueueDetached(message))))
+                continue
             if chain.indirect_gpa is not None and self._allocator is not None:
                 self._allocator.free(chain.indirect_gpa)
                 chain.indirect_gpa = None
             chain.completion._finish(error=QueueDetached(message))
         self._fail_waiters(lambda: QueueDetached(message))
+        # Chains of a broken queue: the device is reset now, end their
+        # mappings (their memory stays with whoever owns it).
+        abandoned, self._abandoned = self._abandoned, []
+        for chain in abandoned:
+            self._retired.append(_Retired(chain.mappings or [], None))
+        if self._ring_mappings:
+            ring_mappings = [(addr, length) for addr, length, _gpa in self._ring_mappings]
+            self._ring_mappings = []
+            self._retired.append(_Retired(ring_mappings, self._free_rings, coherent=True))
+        else:
+            self._free_rings()
+
+    def _free_rings(self) -> None:
         if self._allocator is not None:
             for gpa in self._ring_allocations:
                 self._allocator.free(gpa)
         self._ring_allocations = []
+
+    async def delete(self, reason: str = "device reset") -> None:
+        """vring_del_virtqueue after the device was reset: :meth:`detach`,
+        then unmap everything the device was given (buffers in flight, then
+        the rings) before failing the requests and freeing the memory.
+        When it returns, the queue holds no DMA mapping."""
+        self.detach(reason)
+        if self._dma is None:
+            return
+        # Not cancellable either: the rings' grants would stay behind.
+        with trio.CancelScope(shield=True):
+            # An add() that was mapping when the reset came unmaps its own.
+            while self._adds_mapping:
+                await self._adds_mapping_done.park()
+            await self.unmap_returned()
 
     # -- helpers ------------------------------------------------------------
 
@@ -571,5 +816,6 @@ class GuestVirtqueue:
         return sr.U16.unpack(self._ram.read(gpa, 2))[0]
 
     def __repr__(self) -> str:
+        unmapping = f" to_unmap={len(self._retired)}" if self._retired else ""
         return (f"<GuestVirtqueue {self.index} size={self.size} avail={self._avail_idx} "
-                f"used={self._last_used} in_flight={len(self._in_flight)} free={len(self._free)}>")
+                f"used={self._last_used} in_flight={len(self._in_flight)} free={len(self._free)}{unmapping}>")

@@ -23,6 +23,14 @@ virtblk_req); data buffers come from the GuestAllocator and go back once
 the device has returned the chain, even if the caller was cancelled in the
 meantime. A request the device never returned because it misbehaved keeps
 its buffers: the device may still write them.
+
+The driver deals in guest-physical addresses only. What the device is
+given is up to the transport's DMA layer (``VirtioMmioDriver(..., dma=)``,
+see xen/sim/guest_dma.py): the virtqueue maps the header, data segments and
+status byte of each request (with Xen grants: grants them to the backend)
+and unmaps them before the request completes, so by the time the data is
+read back from guest RAM or the buffers are freed, the device has no access
+to them any more.
 """
 
 from __future__ import annotations

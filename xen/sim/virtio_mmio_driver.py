@@ -32,6 +32,14 @@ one access of that width, 64-bit fields as two 32-bit reads (low first) and
 byte arrays byte by byte, the multi-access reads inside the ConfigGeneration
 loop of __virtio_cread_many.
 
+DMA: the addresses the device is given (queue registers, descriptors,
+indirect tables) come from the ``dma`` layer (xen/sim/guest_dma.py): by
+default the identity, guest-physical addresses; with
+``GrantDma(guest)`` (a device whose device-tree node says grant_usage)
+grant addresses, as Linux's xen-grant-dma-ops gives them. The rings are
+mapped at setup_queue and unmapped at reset, the buffers per request by the
+virtqueue.
+
 Every operation takes an optional ``vcpu`` (a ``SimVcpu``: anything with
 ``async read(addr, size)`` and ``async write(addr, size, value)``); without
 one it uses the default: vCPU 0 of the guest, the vCPU given to the
@@ -74,6 +82,7 @@ from bridge.virtio_mmio import INT_CONFIG as VIRTIO_MMIO_INT_CONFIG
 from bridge.virtio_mmio import INT_VRING as VIRTIO_MMIO_INT_VRING
 from bridge.virtio_mmio import MAGIC as VIRTIO_MMIO_MAGIC
 from bridge.virtio_mmio import VERSION_REG as VERSION
+from xen.sim.guest_dma import IDENTITY_DMA, GuestDma
 from xen.sim.guest_memory import GuestAllocator
 from xen.sim.guest_virtqueue import (
     VIRTIO_F_EVENT_IDX,
@@ -164,7 +173,9 @@ class VirtioMmioDriver:
     returns one per access, or None for ``guest.vcpus[0]``. ``irq`` is the
     window's SPI; with a ``guest`` the interrupt handler is registered with
     ``guest.on_irq`` at the first probe. Without one, call
-    :meth:`handle_interrupt` yourself.
+    :meth:`handle_interrupt` yourself. ``dma`` is the DMA layer the
+    virtqueues use for every address the device sees (default: identity;
+    see xen.sim.guest_dma for grant mode).
     """
 
     def __init__(
@@ -179,6 +190,7 @@ class VirtioMmioDriver:
         reset_timeout: float = 5.0,
         reset_poll_interval: float = 0.001,
         config_generation_retries: int = 1000,
+        dma: GuestDma | None = None,
     ) -> None:
         if vcpu is None:
             if guest is None:
@@ -198,6 +210,7 @@ class VirtioMmioDriver:
         self.base = base
         self.irq = irq
         self.guest = guest
+        self.dma: GuestDma = dma if dma is not None else IDENTITY_DMA
         self.reset_timeout = reset_timeout
         self.reset_poll_interval = reset_poll_interval
         self.config_generation_retries = config_generation_retries
@@ -435,7 +448,8 @@ class VirtioMmioDriver:
                           separate_rings: bool = False) -> GuestVirtqueue:
         """Set up virtqueue ``index`` (vm_setup_vq): its size is the largest
         power of two not above ``size`` (default: QueueNumMax) and QueueNumMax.
-        The rings are allocated zeroed in guest RAM."""
+        The rings are allocated zeroed in guest RAM and mapped with the DMA
+        layer; the queue registers get their DMA addresses."""
         if index in self.queues:
             raise ValueError(f"virtqueue {index} is already set up")
         if size is not None and size < 1:
@@ -459,16 +473,20 @@ class VirtioMmioDriver:
             event_idx=self.has_feature(VIRTIO_F_EVENT_IDX),
             indirect=self.has_feature(VIRTIO_F_INDIRECT_DESC),
             separate_rings=separate_rings,
+            dma=self.dma,
         )
         try:
+            await vq.map_rings()
             await self.write_reg(QUEUE_NUM, num, vcpu=v)
-            for low_reg, gpa in ((QUEUE_DESC_LOW, vq.desc_gpa), (QUEUE_DRIVER_LOW, vq.avail_gpa),
-                                 (QUEUE_DEVICE_LOW, vq.used_gpa)):
-                await self.write_reg(low_reg, gpa & 0xFFFFFFFF, vcpu=v)
-                await self.write_reg(low_reg + 4, gpa >> 32, vcpu=v)
+            for low_reg, addr in ((QUEUE_DESC_LOW, vq.desc_dma), (QUEUE_DRIVER_LOW, vq.avail_dma),
+                                  (QUEUE_DEVICE_LOW, vq.used_dma)):
+                assert addr is not None
+                await self.write_reg(low_reg, addr & 0xFFFFFFFF, vcpu=v)
+                await self.write_reg(low_reg + 4, addr >> 32, vcpu=v)
             await self.write_reg(QUEUE_READY, 1, vcpu=v)
         except BaseException:
-            vq.detach("queue setup failed")
+            with trio.CancelScope(shield=True):
+                await vq.delete("queue setup failed")
             raise
         self.queues[index] = vq
         return vq
@@ -492,7 +510,11 @@ class VirtioMmioDriver:
         if status & VIRTIO_MMIO_INT_VRING:
             for vq in list(self.queues.values()):
                 try:
-                    vq.collect_used()
+                    if vq.dma.needs_calls:
+                        # Unmaps each returned chain before completing it.
+                        await vq.handle_used()
+                    else:
+                        vq.collect_used()
                 except DeviceMisbehaved as exc:
                     # Already logged, and delivered to every waiter of the queue.
                     self.irq_errors.append(exc)
@@ -513,11 +535,13 @@ class VirtioMmioDriver:
                 logger.warning("virtio-mmio %#x: queue %d still ready after reset", self.base, index)
         queues, self.queues = self.queues, {}
         for vq in queues.values():
-            vq.detach("device reset")
+            # vring_del_virtqueue: unmaps what the device was given, rings last.
+            await vq.delete("device reset")
 
     async def reset(self, *, vcpu: Any = None) -> None:
         """Reset the device (Status 0, then wait for Status to read 0), tear
-        the queues down and free their memory. Requests still in flight fail
-        with :class:`QueueDetached`. ``probe`` may be called again after."""
+        the queues down, unmap (DMA) and free their memory. Requests still in
+        flight fail with :class:`QueueDetached`. ``probe`` may be called
+        again after."""
         await self._reset_and_drop_queues(self.pick_vcpu(vcpu))
         self.features = 0
