@@ -72,7 +72,8 @@ class BlkTestbed:
     """qemu-storage-daemon + simulator + bridge for one virtio-blk device.
 
     By default the simulator describes the device in xenstore the way libxl
-    does (``xen-sim --virtio blk``) and the bridge finds it there;
+    does (``xen-sim --virtio blk``; ``virtio="blk,grant_usage=1"`` for a
+    guest that gives grant references) and the bridge finds it there;
     ``placement="flags"`` gives the bridge --mmio-base and --irq instead and
     leaves xenstore empty."""
 
@@ -86,6 +87,7 @@ class BlkTestbed:
         vcpus: int = 1,
         ram_mib: int = 256,
         placement: str = "xenstore",
+        virtio: str = "blk",
         bridge_extra: Sequence[str] = (),
         sim_extra: Sequence[str] = (),
     ) -> None:
@@ -101,6 +103,8 @@ class BlkTestbed:
         if placement not in ("xenstore", "flags"):
             raise ValueError(f"placement {placement!r} is neither 'xenstore' nor 'flags'")
         self.placement = placement
+        self.virtio = virtio
+        """The device as xl.cfg's virtio= entry gives it (xen-sim --virtio)."""
         self.mmio_base = LIBXL_FIRST_MMIO_BASE
         self.irq = LIBXL_FIRST_SPI
         self.bridge_extra = tuple(bridge_extra)
@@ -115,7 +119,7 @@ class BlkTestbed:
                 with open(self.image, "wb") as f:
                     f.truncate(self.image_size)
             self.daemon = start_qemu_storage_daemon(self.image, self.daemon_socket)
-            sim_args = ["--virtio", "blk"] if self.placement == "xenstore" else []
+            sim_args = ["--virtio", self.virtio] if self.placement == "xenstore" else []
             self.sim = start_simulator(
                 self.control,
                 domid=self.domid,
