@@ -26,8 +26,11 @@ A lie is one of:
   without a reply of its own is the ack u64 0). ``size`` is the header's
   size field when it should not match the bytes sent; ``fds`` names kinds
   of fds to attach (``"eventfd"``, ``"memfd"``, ``"file"``, ``"socket"``,
-  ``"pipe"``), created at send time; ``then`` is ``HANGUP`` (close the
-  connection right after) or ``SILENCE`` (answer nothing more).
+  ``"pipe"``, ``"memfd-ro"``; ``"memfd:N"`` and ``"memfd-ro:N"`` are N
+  bytes long instead of 4096; in a reply to GET_INFLIGHT_FD,
+  ``"inflight"`` is a memfd of the honest size), created at send time;
+  ``then`` is ``HANGUP`` (close the connection right after) or
+  ``SILENCE`` (answer nothing more).
 - ``Raw(data, fds=, then=)``: exactly these bytes on the wire.
 - ``HANGUP``: close the connection without answering.
 - ``SILENCE``: never answer this or any later request, but keep reading,
@@ -37,7 +40,18 @@ A lie is one of:
 
 Each accepted connection is a ``Session``: it records every request seen,
 the back-end channel socket the front-end handed over
-(SET_BACKEND_REQ_FD), and whether the front-end hung up. The back-end
+(SET_BACKEND_REQ_FD), and whether the front-end hung up.
+
+Inflight tracking (INFLIGHT_SHMFD, offered by the ``QSD_INFLIGHT``
+profile, not by ``QSD``, as the real qemu-storage-daemon 7.2 does not
+offer it): GET_INFLIGHT_FD is answered like libvhost-user does, with the
+queues echoed, mmap_offset 0, the size libvhost-user computes and a fresh
+memfd of exactly that size (``Session.inflight_given`` lists the identity
+of every fd sent in such a reply); SET_INFLIGHT_FD is checked the way
+libvhost-user maps it (one fd, a regular file at least offset + size long,
+size not 0; otherwise a violation) and recorded in ``Session.inflight_set``
+with the identity of the fd, so a test can tell which memfd came back.
+The Reply lie without ``fds`` answers GET_INFLIGHT_FD with no fd at all. The back-end
 channel is driven by the test through the session: ``backend_send``,
 ``backend_send_raw``, ``backend_read``.
 
@@ -54,6 +68,7 @@ import contextlib
 import enum
 import os
 import socket
+import stat
 import struct
 import tempfile
 from typing import Callable, Iterable, Union
@@ -98,6 +113,25 @@ QSD_CONFIG = bytes.fromhex("0080000000000000000000000000000000000000000000008000
                            "00000000")
 QSD = dict(features=0x175007E46, protocol_features=0x8F2B, queue_num=1, max_mem_slots=32,
            config=QSD_CONFIG)
+INFLIGHT_SHMFD = 1 << 12
+# A libvhost-user daemon that also offers inflight tracking.
+QSD_INFLIGHT = dict(QSD, protocol_features=QSD["protocol_features"] | INFLIGHT_SHMFD)
+
+INFLIGHT = struct.Struct("=QQHH4x")
+# libvhost-user's layout: per queue, 16 bytes a descriptor + a u16, rounded
+# up to 64 (vu_inflight_queue_size).
+_INFLIGHT_DESC = 16
+_INFLIGHT_ALIGN = 64
+
+
+def inflight_queue_size(queue_size: int) -> int:
+    raw = _INFLIGHT_DESC * queue_size + 2
+    return (raw + _INFLIGHT_ALIGN - 1) // _INFLIGHT_ALIGN * _INFLIGHT_ALIGN
+
+
+def inflight(mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int) -> bytes:
+    """A GET/SET_INFLIGHT_FD payload."""
+    return INFLIGHT.pack(mmap_size, mmap_offset, num_queues, queue_size)
 
 
 def u64(value: int) -> bytes:
@@ -116,7 +150,7 @@ class Then(enum.Enum):
 HANGUP = Then.HANGUP
 SILENCE = Then.SILENCE
 
-FD_KINDS = ("eventfd", "memfd", "file", "socket", "pipe")
+FD_KINDS = ("eventfd", "memfd", "file", "socket", "pipe", "memfd-ro")
 
 
 @attrs.frozen
@@ -154,6 +188,18 @@ class Seen:
     nfds: int
 
 
+@attrs.frozen
+class InflightSet:
+    """One SET_INFLIGHT_FD as the daemon received it: the payload fields
+    and (device, inode) of the fd, None when it had no single fd."""
+
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+    fd_identity: tuple[int, int] | None
+
+
 def open_fd_count() -> int:
     """How many fds this process has open right now."""
     return len(os.listdir("/proc/self/fd"))
@@ -186,6 +232,9 @@ class Session:
         self.bases: dict[int, int] = {}
         self.counts: dict[int, int] = {}
         self.silent = False
+        # (device, inode) of every fd sent with a GET_INFLIGHT_FD reply.
+        self.inflight_given: list[tuple[int, int] | None] = []
+        self.inflight_set: list[InflightSet] = []
         # The front-end closed its end (EOF read); the session ended.
         self.frontend_hung_up = trio.Event()
         self.finished = trio.Event()
@@ -276,6 +325,8 @@ class Session:
         if self.silent:
             return True
         problem = self._violation(request, flags, payload, len(fds))
+        if problem is None and request == F.SET_INFLIGHT_FD:
+            problem = self._take_inflight(payload, fds)
         if problem is not None:
             self.violations.append(problem)
             return False  # libvhost-user: vu_panic, connection dropped
@@ -304,7 +355,13 @@ class Session:
             data = header(rid, action.flags, size) + body
         else:
             data = action.data
-        await self.daemon.send_with_fds(self.sock, data, action.fds)
+        kinds = action.fds
+        if request == F.GET_INFLIGHT_FD:
+            honest = f"memfd:{self._inflight_size(payload)}"
+            kinds = tuple(honest if kind == "inflight" else kind for kind in kinds)
+        sent = await self.daemon.send_with_fds(self.sock, data, kinds)
+        if request == F.GET_INFLIGHT_FD:
+            self.inflight_given.extend(sent)
         if action.then is HANGUP:
             return False
         if action.then is SILENCE:
@@ -367,6 +424,34 @@ class Session:
             return VRING_STATE.pack(index, self.bases.get(index, 0))
         if request == F.GET_STATUS:
             return u64(0)
+        if request == F.GET_INFLIGHT_FD:
+            _, _, num_queues, queue_size = INFLIGHT.unpack(payload)
+            return inflight(self._inflight_size(payload), 0, num_queues, queue_size)
+        return None
+
+    @staticmethod
+    def _inflight_size(payload: bytes) -> int:
+        """The mmap_size libvhost-user gives for a GET_INFLIGHT_FD."""
+        _, _, num_queues, queue_size = INFLIGHT.unpack(payload)
+        return inflight_queue_size(queue_size) * num_queues
+
+    def _take_inflight(self, payload: bytes, fds: list[int]) -> str | None:
+        """Record a SET_INFLIGHT_FD; what libvhost-user's mmap of it would
+        fail on, if anything."""
+        if len(payload) != INFLIGHT.size:
+            return f"SET_INFLIGHT_FD payload of {len(payload)} bytes"
+        size, offset, num_queues, queue_size = INFLIGHT.unpack(payload)
+        fd = fds[0]  # exactly one: checked as a violation before
+        self.inflight_set.append(InflightSet(size, offset, num_queues, queue_size,
+                                             _identity(fd)))
+        st = os.fstat(fd)
+        if size == 0:
+            return "SET_INFLIGHT_FD with mmap_size 0"
+        if not stat.S_ISREG(st.st_mode):
+            return "SET_INFLIGHT_FD with an fd that is not a regular file"
+        if st.st_size < offset + size:
+            return (f"SET_INFLIGHT_FD maps {offset}+{size} bytes of a file of "
+                    f"{st.st_size}")
         return None
 
     def _remember(self, request: int, payload: bytes) -> None:
@@ -382,6 +467,11 @@ class Session:
         body = self._honest(request, payload)
         if body is None and request in OWN_REPLY:
             body = b""
+        if request == F.GET_INFLIGHT_FD:
+            data = header(request, REPLY_FLAGS, len(body)) + body
+            kinds = (f"memfd:{self._inflight_size(payload)}",)
+            self.inflight_given.extend(await self.daemon.send_with_fds(self.sock, data, kinds))
+            return True
         if body is not None:
             await self.sock.send(header(request, REPLY_FLAGS, len(body)) + body)
         elif flags & NEED_REPLY:
@@ -457,9 +547,19 @@ class LyingDaemon:
         """A fresh fd of one kind, owned by the caller."""
         if kind == "eventfd":
             return os.eventfd(0)
-        if kind == "memfd":
+        base, _, length = kind.partition(":")
+        if base in ("memfd", "memfd-ro") and (length.isdigit() or kind == base):
             fd = os.memfd_create("lying-daemon")
-            os.ftruncate(fd, 4096)
+            try:
+                os.ftruncate(fd, int(length or 4096))
+                if base == "memfd-ro":
+                    # The same memfd, opened again read-only.
+                    ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+                    os.close(fd)
+                    fd = ro
+            except BaseException:
+                os.close(fd)
+                raise
             return fd
         if kind == "file":
             fd, path = tempfile.mkstemp(prefix="lying-daemon-")
@@ -476,13 +576,18 @@ class LyingDaemon:
         raise ValueError(f"unknown fd kind {kind!r}; one of {FD_KINDS}")
 
     async def send_with_fds(self, sock: trio.socket.SocketType, data: bytes,
-                            kinds: tuple[str, ...]) -> None:
+                            kinds: tuple[str, ...]) -> list[tuple[int, int] | None]:
         """``data`` with fds of these kinds as SCM_RIGHTS on its first byte;
-        the daemon's own copies are closed once sent."""
-        fds = [self.make_fd(kind) for kind in kinds]
+        the daemon's own copies are closed once sent. Returns the identity
+        of each fd sent (None for anonymous inodes)."""
+        fds: list[int] = []
+        idents: list[tuple[int, int] | None] = []
         try:
+            for kind in kinds:
+                fds.append(self.make_fd(kind))
             for fd in fds:
                 ident = _identity(fd)
+                idents.append(ident)
                 if ident is not None:
                     self.sent.add(ident)
             self.sent_count += len(fds)
@@ -494,6 +599,7 @@ class LyingDaemon:
                 sent += await sock.send(data[sent:])
         finally:
             _close_all(fds)
+        return idents
 
     def leaked_fds(self) -> list[int]:
         """fds of this process that are copies of what the daemon sent."""

@@ -371,17 +371,16 @@ async def test_no_protocol_features_bit_means_no_protocol_messages(workdir):
 
 
 async def test_features_offered_but_not_supported_are_never_used(workdir):
-    """INFLIGHT_SHMFD (GET_INFLIGHT_FD answers with a memfd), HOST_NOTIFIER
-    and SHARED_OBJECT would bring fds from the daemon: they are never
-    negotiated, so no such fd is ever asked for."""
-    offered = QSD["protocol_features"] | 1 << 12 | 1 << 11 | 1 << 18
+    """HOST_NOTIFIER and SHARED_OBJECT would bring fds from the daemon:
+    they are never negotiated, so no such fd is ever asked for.
+    (INFLIGHT_SHMFD is supported: see test_vhost_user_inflight.)"""
+    offered = QSD["protocol_features"] | 1 << 11 | 1 << 18
     async with scene(workdir, profile=dict(QSD, protocol_features=offered)) as s:
         fe = await s.connect()
         session = s.daemon.session
-        assert not session.negotiated & (1 << 12 | 1 << 11 | 1 << 18)
+        assert not session.negotiated & (1 << 11 | 1 << 18)
         await fe.start(*s.start_args())
         await fe.stop([0])
-        assert "GET_INFLIGHT_FD" not in session.names()
         assert not session.violations
 
 
@@ -756,6 +755,25 @@ def test_fd_kinds_are_what_they_say(tmp_path):
         os.close(fd)
     assert links["eventfd"] == "anon_inode:[eventfd]"
     assert links["memfd"].startswith("/memfd:lying-daemon")
+    assert links["memfd-ro"].startswith("/memfd:lying-daemon")
     assert "(deleted)" in links["file"]
     assert links["socket"].startswith("socket:")
     assert links["pipe"].startswith("pipe:")
+
+
+def test_memfds_of_a_given_length_and_read_only(tmp_path):
+    import fcntl
+    from lying_daemon import LyingDaemon
+    d = LyingDaemon(str(tmp_path / "unused"))
+    for kind, size, mode in (("memfd", 4096, os.O_RDWR), ("memfd:100", 100, os.O_RDWR),
+                             ("memfd-ro", 4096, os.O_RDONLY),
+                             ("memfd-ro:4160", 4160, os.O_RDONLY)):
+        fd = d.make_fd(kind)
+        try:
+            assert os.fstat(fd).st_size == size
+            assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == mode
+        finally:
+            os.close(fd)
+    for bad in ("memfd:", "memfd:x", "memfd-rw"):
+        with pytest.raises(ValueError):
+            d.make_fd(bad)

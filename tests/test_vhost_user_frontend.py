@@ -376,7 +376,8 @@ async def test_only_supported_protocol_features_are_negotiated(nursery):
     everything = (1 << 20) - 1
     fe, daemon = await open_pair(nursery, dict(QSD, protocol_features=everything))
     assert daemon.payloads("SET_PROTOCOL_FEATURES") == [U64.pack(int(SUPPORTED_PROTOCOL_FEATURES))]
-    assert int(SUPPORTED_PROTOCOL_FEATURES) == 0x1A229
+    # MQ REPLY_ACK BACKEND_REQ CONFIG INFLIGHT_SHMFD RESET_DEVICE CONFIGURE_MEM_SLOTS STATUS
+    assert int(SUPPORTED_PROTOCOL_FEATURES) == 0x1B229
     assert not daemon.violations
     await fe.aclose()
 

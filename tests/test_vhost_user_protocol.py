@@ -316,6 +316,24 @@ def test_request_tables():
     assert BACKEND_REQUESTS[BackendRequest.VRING_CALL].request is VringState
 
 
+def test_inflight_requests():
+    """GET_INFLIGHT_FD answers an Inflight of its own (with the memfd);
+    SET_INFLIGHT_FD has none; both need INFLIGHT_SHMFD (bit 12)."""
+    get = FRONTEND_REQUESTS[FrontendRequest.GET_INFLIGHT_FD]
+    put = FRONTEND_REQUESTS[FrontendRequest.SET_INFLIGHT_FD]
+    assert (FrontendRequest.GET_INFLIGHT_FD, FrontendRequest.SET_INFLIGHT_FD) == (31, 32)
+    assert (get.request, get.reply, get.gate) == (Inflight, Inflight,
+                                                  ProtocolFeature.INFLIGHT_SHMFD)
+    assert (put.request, put.reply, put.gate) == (Inflight, None,
+                                                  ProtocolFeature.INFLIGHT_SHMFD)
+    assert ProtocolFeature.INFLIGHT_SHMFD == 1 << 12
+    # The 4 bytes of C tail padding are written as zeros and ignored when read.
+    assert Inflight.unpack(struct.pack("=QQHH", 4160, 0, 1, 256) + b"\xff" * 4) == \
+        Inflight(4160, 0, 1, 256)
+    with pytest.raises(ValueError):
+        Inflight(0, 0, 0x10000, 1)
+
+
 def test_message_helpers():
     m = Message.make_request(FrontendRequest.SET_VRING_KICK, VringFd(0).pack(), (7,),
                              need_reply=True)

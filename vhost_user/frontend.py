@@ -11,8 +11,10 @@ or virtio bit 30) was not negotiated:
              [CONFIGURE_MEM_SLOTS: GET_MAX_MEM_SLOTS],
              [BACKEND_REQ: SET_BACKEND_REQ_FD], SET_OWNER, GET_FEATURES,
              [CONFIG and config_size: GET_CONFIG]
-    start    SET_FEATURES, memory (REM_MEM_REG/ADD_MEM_REG with
-             CONFIGURE_MEM_SLOTS, else SET_MEM_TABLE), per ring
+    start    SET_FEATURES, [INFLIGHT_SHMFD: GET_INFLIGHT_FD when no
+             region is held yet, SET_INFLIGHT_FD], memory
+             (REM_MEM_REG/ADD_MEM_REG with CONFIGURE_MEM_SLOTS, else
+             SET_MEM_TABLE), per ring
              SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK,
              SET_VRING_CALL; [bit 30: SET_VRING_ENABLE(i, 1) per ring];
              [STATUS: SET_STATUS(0xf)]
@@ -27,6 +29,18 @@ not in force until that message has been processed.
 File descriptors handed in (memory, kick, call) stay owned by the caller:
 they are sent, never closed here.
 
+With INFLIGHT_SHMFD the daemon hands out, once, a memfd in which it records
+the requests it has taken from the rings and not yet completed (QEMU's
+"inflight I/O tracking"). The front-end keeps it as an ``InflightRegion``
+(``VhostUserFrontend.inflight``) and sends it back with SET_INFLIGHT_FD at
+every start. After the daemon died, a new connection gets the same region
+(``connect(..., inflight=old.take_inflight())``), so that the restarted
+daemon resubmits what was in flight. The region belongs to exactly one
+holder at a time: the front-end holding it closes it in ``aclose``, never
+when it merely gives up on a daemon (the region must outlive the dead
+connection); ``take_inflight`` moves it out, and then the caller owns it
+until a ``connect`` succeeds with it.
+
 A daemon that lies (a malformed or mismatched reply, an impossible value),
 goes silent past the timeout or goes away cannot be trusted with anything
 more: the front-end then closes the connection and the back-end channel at
@@ -37,16 +51,18 @@ request (a non-zero ack, an empty GET_CONFIG) keeps its connection.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import socket
+import stat
 from typing import Sequence
 
 import attrs
 import trio
 
 from .backend_channel import BackendChannel, BackendHandler
-from .connection import DEFAULT_TIMEOUT, Connection, connect_unix
+from .connection import DEFAULT_TIMEOUT, Connection, close_fds, connect_unix
 from .protocol import (
     BIT30_ACKED,
     BIT30_OFFERED,
@@ -66,6 +82,7 @@ from .protocol import (
     DeviceConfig,
     Empty,
     FrontendRequest,
+    Inflight,
     MemoryRegion,
     MemoryTable,
     Message,
@@ -88,7 +105,7 @@ R = FrontendRequest
 # What this front-end implements and so may negotiate.
 SUPPORTED_PROTOCOL_FEATURES = (
     PF.MQ | PF.REPLY_ACK | PF.BACKEND_REQ | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS | PF.STATUS
-    | PF.RESET_DEVICE
+    | PF.RESET_DEVICE | PF.INFLIGHT_SHMFD
 )
 
 # SET_STATUS at start: ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK.
@@ -159,6 +176,65 @@ class Step:
     request: FrontendRequest
     payload: object = Empty()
     fds: tuple[int, ...] = ()
+
+
+class _Custody:
+    """The mutable side of an ``InflightRegion``: whether its fd is closed,
+    and which front-end holds it (None: whoever took it out)."""
+
+    __slots__ = ("closed", "holder")
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.holder: str | None = None
+
+
+@attrs.frozen(eq=False)
+class InflightRegion:
+    """The inflight-tracking memory a daemon handed out with
+    GET_INFLIGHT_FD: its memfd, the size and offset to map, and the
+    geometry the daemon laid it out for (``num_queues`` rings of up to
+    ``queue_size`` descriptors).
+
+    The fd has exactly one owner at a time: the front-end that holds the
+    region (``VhostUserFrontend.inflight``), or, after ``take_inflight``,
+    the caller, who passes it to ``VhostUserFrontend.connect(inflight=)``
+    or closes it. ``close`` is idempotent: the fd is closed exactly once,
+    and a closed region can be handed to nobody."""
+
+    fd: int = attrs.field(validator=_nonneg(0x7FFF_FFFF))
+    mmap_size: int = attrs.field(validator=_nonneg(_U64_MAX))
+    mmap_offset: int = attrs.field(validator=_nonneg(_U64_MAX))
+    num_queues: int = attrs.field(validator=_nonneg(0xFFFF))
+    queue_size: int = attrs.field(validator=_nonneg(0xFFFF))
+    _custody: _Custody = attrs.field(factory=_Custody, init=False, repr=False)
+
+    @property
+    def closed(self) -> bool:
+        return self._custody.closed
+
+    def close(self) -> None:
+        """Close the memfd (once; later calls do nothing). Only its owner
+        may call this: never on a region a front-end still holds."""
+        if not self._custody.closed:
+            self._custody.closed = True
+            self._custody.holder = None
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+
+    def fits(self, num_queues: int, queue_size: int) -> bool:
+        """Laid out for exactly these queues, with room for rings of
+        ``queue_size`` descriptors."""
+        return self.num_queues == num_queues and self.queue_size >= queue_size
+
+    def wire(self) -> Inflight:
+        return Inflight(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
+
+    def describe(self) -> str:
+        return (f"{self.mmap_size} bytes at offset {self.mmap_offset} for {self.num_queues} "
+                f"queues of {self.queue_size}")
 
 
 # -- pure planning ---------------------------------------------------------
@@ -295,6 +371,8 @@ class VhostUserFrontend:
         # With CONFIGURE_MEM_SLOTS: the regions the back-end has mapped.
         self._backend_regions: dict[RegionKey, MemoryRegion] = {}
         self._running: set[int] = set()
+        # With INFLIGHT_SHMFD: the region this front-end holds (and owns).
+        self._inflight: InflightRegion | None = None
         self._closed = False
         # Why the front-end gave up on the daemon, once it has.
         self._failure: str | None = None
@@ -304,36 +382,64 @@ class VhostUserFrontend:
     @classmethod
     async def connect(cls, path: str, *, nursery: trio.Nursery, handler: BackendHandler,
                       default_num_queues: int, config_size: int,
-                      timeout: float = DEFAULT_TIMEOUT) -> VhostUserFrontend:
+                      timeout: float = DEFAULT_TIMEOUT,
+                      inflight: InflightRegion | None = None) -> VhostUserFrontend:
         """Dial the daemon at ``path`` and run the connect sequence. The
-        back-end channel reader (with BACKEND_REQ) runs in ``nursery``."""
+        back-end channel reader (with BACKEND_REQ) runs in ``nursery``.
+
+        ``inflight``: a region taken from an earlier front-end of the same
+        device (``take_inflight``), to be sent at the next ``start`` in
+        place of a new one, so that a restarted daemon resubmits what was
+        in flight. The new front-end owns it once ``connect`` returns (and
+        closes it at once, with an info log, when the daemon does not
+        negotiate INFLIGHT_SHMFD); if ``connect`` raises, the caller still
+        owns it (and can retry with it)."""
         _check_connect_args(default_num_queues, config_size)
+        _check_handover(inflight)
         sock = await connect_unix(path, timeout=timeout)
         return await cls.from_socket(sock, nursery=nursery, handler=handler,
                                      default_num_queues=default_num_queues,
-                                     config_size=config_size, timeout=timeout, label=path)
+                                     config_size=config_size, timeout=timeout, label=path,
+                                     inflight=inflight)
 
     @classmethod
     async def from_socket(cls, sock: trio.socket.SocketType, *, nursery: trio.Nursery,
                           handler: BackendHandler, default_num_queues: int, config_size: int,
-                          timeout: float = DEFAULT_TIMEOUT,
-                          label: str = "vhost-user") -> VhostUserFrontend:
+                          timeout: float = DEFAULT_TIMEOUT, label: str = "vhost-user",
+                          inflight: InflightRegion | None = None) -> VhostUserFrontend:
         """Like ``connect`` on an already connected socket (which it takes
         over and closes on failure)."""
-        _check_connect_args(default_num_queues, config_size)
         try:
+            _check_connect_args(default_num_queues, config_size)
+            _check_handover(inflight)
             conn = Connection(sock, label=label, timeout=timeout)
-        except ValueError:
+        except (ValueError, TypeError):
             sock.close()
             raise
         self = cls(conn, label=label)
+        if inflight is not None:
+            # Reserved for the duration of the handshake: nobody else may
+            # take it meanwhile; released again if the handshake fails.
+            inflight._custody.holder = label
         ok = False
         try:
             await self._handshake(nursery, handler, default_num_queues, config_size)
             ok = True
         finally:
             if not ok:
+                if inflight is not None:
+                    inflight._custody.holder = None
                 self._close_now()
+        if inflight is not None:
+            if self.protocol_features & PF.INFLIGHT_SHMFD:
+                self._inflight = inflight
+                logger.info("%s: resuming with the inflight region of an earlier connection "
+                            "(%s)", self.label, inflight.describe())
+            else:
+                logger.info("%s: the daemon does not negotiate INFLIGHT_SHMFD: closing the "
+                            "inflight region handed over (%s); requests recorded in it as in "
+                            "flight will not be resubmitted", self.label, inflight.describe())
+                inflight.close()
         return self
 
     async def _handshake(self, nursery: trio.Nursery, handler: BackendHandler,
@@ -487,13 +593,15 @@ class VhostUserFrontend:
             self._give_up(e)
             raise
 
-    async def _transact(self, step: Step, *, need_reply: bool = False) -> Message:
+    async def _transact(self, step: Step, *, need_reply: bool = False,
+                        max_reply_fds: int = 0) -> Message:
         self._check_open()
         self._check_gate(step.request)
         payload = self._check_payload(step)
         try:
             return await self._conn.transact(step.request, payload, step.fds,
-                                             need_reply=need_reply)
+                                             need_reply=need_reply,
+                                             max_reply_fds=max_reply_fds)
         except (ProtocolError, DaemonTimeout, ConnectionLost) as e:
             self._give_up(e)
             raise
@@ -511,11 +619,12 @@ class VhostUserFrontend:
             raise VhostUserError(f"{self.label}: the vhost-user daemon rejected "
                                  f"{step.request.name} (ack {ack:#x})")
 
-    async def _query(self, step: Step) -> Message:
-        """A request with a reply of its own; returns the reply message."""
+    async def _query(self, step: Step, *, max_reply_fds: int = 0) -> Message:
+        """A request with a reply of its own; returns the reply message,
+        whose fds (at most ``max_reply_fds``) the caller then owns."""
         if FRONTEND_REQUESTS[step.request].reply is None:
             raise TypeError(f"{step.request.name} has no reply; use _command")
-        return await self._transact(step)
+        return await self._transact(step, max_reply_fds=max_reply_fds)
 
     async def _query_u64(self, request: FrontendRequest) -> int:
         reply = await self._query(Step(request))
@@ -565,7 +674,12 @@ class VhostUserFrontend:
 
     async def start(self, features: int, regions: Sequence[MemoryRegionFd],
                     rings: Sequence[RingSetup]) -> None:
-        """The driver wrote DRIVER_OK: hand features, memory and rings over."""
+        """The driver wrote DRIVER_OK: hand features, memory and rings over.
+
+        With INFLIGHT_SHMFD the inflight region held goes first (one is
+        asked for when none is held, or when the one held was laid out for
+        another number of queues or for smaller rings than the largest
+        ring of this start)."""
         self._check_open()
         regions = tuple(regions)
         rings = tuple(rings)
@@ -582,6 +696,8 @@ class VhostUserFrontend:
         wire_features = features | (PROTOCOL_FEATURES_MASK if self.has_protocol_features else 0)
         await self._command(Step(R.SET_FEATURES, U64(wire_features)))
         self._acked_features = wire_features
+        if self.protocol_features & PF.INFLIGHT_SHMFD and rings:
+            await self._set_inflight(max(r.num for r in rings))
         await self._set_memory(regions)
         self._regions = regions
         for ring in rings:
@@ -617,6 +733,13 @@ class VhostUserFrontend:
             raise VhostUserError(f"{self.label}: ring {ring.index} is running; stop it first")
         packed = bool(self._acked_features & (1 << VirtioFeature.RING_PACKED))
         check_rings([ring], self._regions, num_queues=self.num_queues, packed=packed)
+        region = self._inflight
+        if self.protocol_features & PF.INFLIGHT_SHMFD and region is not None \
+                and ring.num > region.queue_size:
+            raise VhostUserError(f"{self.label}: ring {ring.index} size {ring.num} does not fit "
+                                 f"the inflight region, laid out for rings of up to "
+                                 f"{region.queue_size} descriptors; restart the device "
+                                 f"instead")
         for step in ring_start_steps(ring):
             await self._command(step)
         if self._bit30_acked:
@@ -694,6 +817,76 @@ class VhostUserFrontend:
                                      f"{MAX_MEMORY_REGIONS}")
             await self._command(memory_table_step(regions))
 
+    # -- inflight tracking (INFLIGHT_SHMFD)
+
+    @property
+    def inflight(self) -> InflightRegion | None:
+        """The inflight region this front-end holds and owns, if any. It
+        is kept across starts on this connection; QEMU drops it when the
+        guest resets the device (``take_inflight().close()`` does that)."""
+        return self._inflight
+
+    def take_inflight(self) -> InflightRegion | None:
+        """Hand the inflight region over, typically from a front-end whose
+        daemon died to ``connect(..., inflight=)`` of the next one: this
+        front-end forgets it (``aclose`` leaves it open) and the caller owns
+        it from now on. None when there is none. Works on a closed or
+        failed front-end too; that is what it is for."""
+        region, self._inflight = self._inflight, None
+        if region is not None:
+            region._custody.holder = None
+        return region
+
+    async def _set_inflight(self, queue_size: int) -> None:
+        """SET_INFLIGHT_FD with the region held, after GET_INFLIGHT_FD
+        when none is held yet or the one held does not fit this start."""
+        region = self._inflight
+        if region is not None and not region.fits(self.num_queues, queue_size):
+            logger.warning("%s: the inflight region held (%s) does not fit %d queues of %d; "
+                           "closing it and asking the daemon for a new one: requests "
+                           "recorded in it as in flight will not be resubmitted", self.label,
+                           region.describe(), self.num_queues, queue_size)
+            self.take_inflight()
+            region.close()
+            region = None
+        if region is None:
+            region = await self._get_inflight(queue_size)
+            region._custody.holder = self.label
+            self._inflight = region
+        await self._command(Step(R.SET_INFLIGHT_FD, region.wire(), (region.fd,)))
+
+    async def _get_inflight(self, queue_size: int) -> InflightRegion:
+        """GET_INFLIGHT_FD for our queues; the reply must echo them, give
+        a non-empty region and carry exactly one fd: a writable regular
+        file (a memfd) long enough to map the region from."""
+        asked = Inflight(0, 0, self.num_queues, queue_size)
+        reply = await self._query(Step(R.GET_INFLIGHT_FD, asked), max_reply_fds=1)
+        fds = list(reply.fds)
+        try:
+            got = self._decode(reply, Inflight)
+            if got.mmap_size == 0:
+                # libvhost-user's answer when it cannot allocate the region.
+                raise VhostUserError(f"{self.label}: the vhost-user daemon refused "
+                                     f"GET_INFLIGHT_FD (mmap_size 0)")
+            if (got.num_queues, got.queue_size) != (asked.num_queues, asked.queue_size):
+                raise self._lie(f"asked GET_INFLIGHT_FD for {asked.num_queues} queues of "
+                                f"{asked.queue_size}, got a region for {got.num_queues} "
+                                f"queues of {got.queue_size}")
+            if not fds:
+                raise self._lie(f"its reply to GET_INFLIGHT_FD ({got.mmap_size} bytes at "
+                                f"offset {got.mmap_offset}) carries no fd")
+            (fd,) = fds
+            problem = _inflight_fd_problem(fd, got.mmap_offset + got.mmap_size)
+            if problem is not None:
+                raise self._lie(f"the fd of its reply to GET_INFLIGHT_FD {problem}")
+            region = InflightRegion(fd, got.mmap_size, got.mmap_offset, got.num_queues,
+                                    got.queue_size)
+        except BaseException:
+            close_fds(fds)
+            raise
+        logger.info("%s: inflight region from the daemon: %s", self.label, region.describe())
+        return region
+
     # -- teardown
 
     def _close_now(self) -> None:
@@ -716,8 +909,13 @@ class VhostUserFrontend:
         await self._conn.wait_hangup()
 
     async def aclose(self) -> None:
-        """Close the socket and the back-end channel. Idempotent."""
+        """Close the socket and the back-end channel, and the inflight
+        region unless it was taken out with ``take_inflight`` (take it
+        first to keep it for the next connection). Idempotent."""
         self._close_now()
+        region = self.take_inflight()
+        if region is not None:
+            region.close()
         await trio.lowlevel.checkpoint()
 
 
@@ -727,6 +925,51 @@ def _check_connect_args(default_num_queues: int, config_size: int) -> None:
                          f"1..{MAX_RING_INDEX + 1}")
     if not 0 <= config_size <= MAX_CONFIG_SIZE:
         raise ValueError(f"config_size {config_size} is not in 0..{MAX_CONFIG_SIZE}")
+
+
+def _check_handover(inflight: InflightRegion | None) -> None:
+    """A region handed to a new connection must be open and held by no
+    front-end (taken out with ``take_inflight``)."""
+    if inflight is None:
+        return
+    if not isinstance(inflight, InflightRegion):
+        raise TypeError(f"inflight must be an InflightRegion, not {type(inflight).__name__}")
+    if inflight.closed:
+        raise ValueError(f"the inflight region (fd {inflight.fd}) is closed")
+    if inflight._custody.holder is not None:
+        raise ValueError(f"the inflight region (fd {inflight.fd}) is still held by "
+                         f"{inflight._custody.holder}; take it out with take_inflight() first")
+
+
+def _inflight_fd_problem(fd: int, end: int) -> str | None:
+    """What is wrong with ``fd`` as the memfd of an inflight region the
+    daemon maps from offset 0 to ``end``, or None."""
+    try:
+        st = os.fstat(fd)
+        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except OSError as e:
+        return f"cannot be examined ({e.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        return f"is {_fd_kind(fd, st.st_mode)}, not a memfd"
+    if mode != os.O_RDWR:
+        return "is not open for reading and writing"
+    if st.st_size < end:
+        return (f"is a file of {st.st_size} bytes, shorter than the {end} bytes (offset + "
+                f"size) of the region")
+    return None
+
+
+def _fd_kind(fd: int, mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "not a regular file"
+    return target if target.startswith("anon_inode:") else "not a regular file"
 
 
 def _region_key(region: MemoryRegionFd) -> RegionKey:
