@@ -47,6 +47,9 @@ from bridge.device_types import (
 from bridge.memory import OutsideGuestRam, PassthroughMemory, ShadowMemory
 from bridge.shadow_ring import DaemonRingError, GuestRing, RingError, ShadowVirtqueue
 from bridge.virtio_mmio import (
+    CONFIG_OFFSET,
+    DeviceStatus,
+    GuestAccessError,
     INT_CONFIG,
     INT_VRING,
     ConfigWrite,
@@ -58,7 +61,7 @@ from bridge.virtio_mmio import (
     Reset,
     VirtioMmioModel,
 )
-from vhost_user.frontend import RingSetup, VhostUserFrontend
+from vhost_user.frontend import InflightRegion, RingSetup, VhostUserFrontend
 from vhost_user.protocol import ConnectionLost, ProtocolFeature, VhostUserError
 from xen.fast_path import KernelFastPath
 from xen.hypervisor import Hypervisor, HypervisorError
@@ -69,6 +72,11 @@ log = logging.getLogger(__name__)
 VENDOR_ID = int.from_bytes(b"XVHB", "little")
 
 _EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
+
+DRAIN_LIMIT = 1.0
+"""Seconds a reset waits for the daemon to finish the requests it holds."""
+DRAIN_POLL = 0.001
+DRAIN_GRACE = 0.002
 
 # Shadow rings are split rings whose chains complete in any order.
 SHADOW_UNSUPPORTED_FEATURES = (1 << VIRTIO_F_RING_PACKED) | (1 << VIRTIO_F_IN_ORDER)
@@ -152,7 +160,7 @@ class VhostUserDevice:
                 with trio.CancelScope(shield=True):
                     await self.frontend.aclose()
 
-    async def _dial(self) -> VhostUserFrontend:
+    async def _dial(self, inflight: InflightRegion | None = None) -> VhostUserFrontend:
         return await VhostUserFrontend.connect(
             self.socket_path,
             nursery=self._nursery,
@@ -160,14 +168,16 @@ class VhostUserDevice:
             default_num_queues=self.type.default_num_queues,
             config_size=self.type.config_size,
             timeout=self.timeout,
+            inflight=inflight,
         )
 
     async def _watch_daemon(self) -> None:
         """When the daemon's connection closes: redial it and carry on where
         it stopped, or report DEVICE_NEEDS_RESET."""
         while True:
-            await self.frontend.wait_hangup()
-            why = getattr(self.frontend, "failure", None)
+            frontend = self.frontend
+            await frontend.wait_hangup()
+            why = getattr(frontend, "failure", None)
             gone = (f"the connection to the daemon was closed: {why}" if why is not None
                     else "the daemon closed its vhost-user connection (it exited or crashed)")
             if self.reconnect <= 0:
@@ -179,21 +189,33 @@ class VhostUserDevice:
             # Guest starts and resets wait meanwhile (their vCPU is held, as
             # for a slow daemon); kicks pile up in the eventfds.
             async with self._lifecycle:
-                await self.frontend.aclose()
-                if not await self._redial(gone):
+                if self.frontend is not frontend:
+                    continue  # a guest reset dialled a new one meanwhile
+                # With INFLIGHT_SHMFD the old daemon's record of the requests
+                # it held goes to the new one, which resubmits them.
+                inflight = frontend.take_inflight()
+                if inflight is not None and self.memory.mode == "shadow":
+                    # Not with shadow rings: the bridge republishes every chain
+                    # itself, and the daemon's record would redo them twice.
+                    inflight.close()
+                    inflight = None
+                await frontend.aclose()
+                if not await self._redial(gone, inflight):
                     return
 
-    async def _redial(self, gone: str) -> bool:
+    async def _redial(self, gone: str, inflight: InflightRegion | None = None) -> bool:
         """Dial with back-off until the daemon answers or time runs out;
         then resume the rings the guest had running."""
         deadline = trio.current_time() + self.reconnect
         delay = 0.05
         while True:
             try:
-                frontend = await self._dial()
+                frontend = await self._dial(inflight)
                 break
             except VhostUserError as exc:
                 if trio.current_time() + delay > deadline:
+                    if inflight is not None:
+                        inflight.close()
                     self._daemon_lost = True
                     self._fail(f"{gone}, and it did not come back within {self.reconnect:g} s ({exc})")
                     return False
@@ -233,8 +255,8 @@ class VhostUserDevice:
             raise DeviceSetupError(f"the new daemon has {frontend.num_queues} queues, not {len(self.model.queues)}")
         if self.type.config_size and self.model.update_config(frontend.config):
             self.raise_interrupt(INT_CONFIG)
-        if not self._rings or self.failed is not None:
-            return  # nothing running: the next DRIVER_OK starts it
+        if not self._rings or self.failed is not None or not self.model.status & DeviceStatus.DRIVER_OK:
+            return  # nothing running (or the guest reset it meanwhile): the next DRIVER_OK starts it
         rings = [self._resume_ring(index) for index in sorted(self._rings)]
         await frontend.start(self.model.driver_features, self.memory.regions, rings)
         for ring in rings:  # requests that waited, or that the old daemon dropped
@@ -256,7 +278,12 @@ class VhostUserDevice:
             base = 0
         else:
             desc, avail, used = self._passthrough_ring_setup(index)
-            base = passthrough_resume_index(self.memory.ram, q.num, q.driver, q.device)
+            if self.frontend.inflight is not None:
+                # The daemon resubmits what its inflight region records, in
+                # any order: the guest's used index is where it goes on.
+                base = split_ring.U16.unpack(self.memory.ram.read(q.device + split_ring.USED_IDX, 2))[0]
+            else:
+                base = passthrough_resume_index(self.memory.ram, q.num, q.driver, q.device)
         return RingSetup(index=index, num=q.num, base=base, desc_addr=desc, avail_addr=avail, used_addr=used,
                          kick_fd=kick, call_fd=call)
 
@@ -285,6 +312,11 @@ class VhostUserDevice:
         return self.model.read(offset, size)
 
     def mmio_write(self, offset: int, size: int, value: int):
+        if offset >= CONFIG_OFFSET and not self.type.config_write_allowed(offset - CONFIG_OFFSET, size):
+            raise GuestAccessError(
+                f"config write of {size} bytes at {offset - CONFIG_OFFSET:#x}: not a field a virtio-{self.type.name} "
+                "driver may write"
+            )
         effects = self.model.write(offset, size, value)
         slow = None
         for effect in effects:
@@ -513,6 +545,7 @@ class VhostUserDevice:
             # ring the daemon is fine and its rings still run; after the
             # daemon's death this fails at once.
             if started:
+                await self._drain(started)
                 try:
                     bases = await self.frontend.stop(started)
                     log.info("virtio-%s stopped; ring bases %s", self.type.name, bases)
@@ -522,8 +555,52 @@ class VhostUserDevice:
                     log.info("virtio-%s: the daemon's rings were not stopped: %s", self.type.name, exc)
         finally:
             self._close_rings()
+            if self.frontend is not None:
+                # A reset device starts with nothing in flight: a fresh
+                # inflight region at the next start (QEMU drops it too).
+                region = self.frontend.take_inflight()
+                if region is not None:
+                    region.close()
             self.failed = None  # a reset is how a guest recovers a broken device
             self._set_line(0)
+
+    async def _drain(self, indices: Sequence[int]) -> None:
+        """Let the daemon finish the requests it holds before its rings are
+        stopped. The guest's reset is not complete until then (its vCPU
+        waits), so writes into guest memory are still allowed; and
+        libvhost-user answers GET_VRING_BASE with requests still running,
+        which then signal a call fd it has already closed: qemu-storage-
+        daemon 7.2 panics on that ('Error writing eventfd')."""
+        deadline = trio.current_time() + min(self.timeout, DRAIN_LIMIT)
+        while True:
+            busy = [i for i in indices if not self._ring_idle(i)]
+            if self.frontend is None or self.failed is not None:
+                return
+            if not busy:
+                # A daemon publishes its used index before it signals the
+                # call fd: give that signal time to go out.
+                await trio.sleep(DRAIN_GRACE)
+                return
+            if trio.current_time() > deadline:
+                log.info("virtio-%s: rings %s still had requests at the daemon after %g s; stopping them anyway",
+                         self.type.name, busy, min(self.timeout, DRAIN_LIMIT))
+                return
+            await trio.sleep(DRAIN_POLL)
+
+    def _ring_idle(self, index: int) -> bool:
+        shadow = self._shadow.get(index)
+        if shadow is not None:
+            return shadow.daemon_caught_up
+        if self.model.driver_features >> VIRTIO_F_RING_PACKED & 1:
+            return True  # no index pair to compare in a packed ring: not drained
+        q = self.model.queues[index]
+        ram = self.memory.ram
+        try:
+            avail = ram.read(q.driver + split_ring.AVAIL_IDX, 2)
+            used = ram.read(q.device + split_ring.USED_IDX, 2)
+        except OutsideGuestRam:
+            return True
+        return avail == used
 
     async def _stop_queue(self, index: int) -> None:
         if index in self._rings:

@@ -21,12 +21,21 @@ class DeviceType:
     """Bytes of config space to read with GET_CONFIG (0: the daemon has none)."""
     default_num_queues: int
     """Queues when the daemon does not negotiate MQ."""
+    writable_config: tuple[tuple[int, int], ...] = ()
+    """(offset, length) of the config fields a driver may write; the
+    bridge refuses other config writes instead of passing them on
+    (libvhost-user daemons panic on a SET_CONFIG they do not expect)."""
+
+    def config_write_allowed(self, offset: int, size: int) -> bool:
+        return any(start <= offset and offset + size <= start + length for start, length in self.writable_config)
 
 
 DEVICE_TYPES: dict[str, DeviceType] = {
     # struct virtio_blk_config up to write_zeroes_may_unmap: 60 bytes, the
     # size QEMU's vhost-user-blk front-end asks for.
-    "blk": DeviceType("blk", virtio_id=2, config_size=60, default_num_queues=1),
+    # Only 'writeback' (offset 32, with VIRTIO_BLK_F_CONFIG_WCE) is the
+    # driver's to write.
+    "blk": DeviceType("blk", virtio_id=2, config_size=60, default_num_queues=1, writable_config=((32, 1),)),
     # gpu, fs and net join when the bridge serves them end to end (their
     # display channel, the virtio-fs config the front-end supplies, net's
     # queue pairs); until then the CLI does not offer them.

@@ -345,6 +345,13 @@ class ShadowVirtqueue:
         return self._shadow_last_used
 
     @property
+    def daemon_caught_up(self) -> bool:
+        """Whether the daemon has completed every chain published to it
+        (its used index in the shadow ring reached the published avail
+        index), whether or not the bridge has returned them yet."""
+        return sr.U16.unpack_from(self._buf, self._s_used_idx)[0] == self._shadow_avail_published
+
+    @property
     def free_descriptors(self) -> int:
         """Shadow descriptors not used by a chain in flight."""
         return len(self._free_desc)

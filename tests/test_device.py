@@ -52,6 +52,9 @@ class StandInFrontend:
             await self.hold.wait()
         self.started.append((features, [r.index for r in rings], [(r.kick_fd, r.call_fd) for r in rings]))
 
+    def take_inflight(self):
+        return None  # the daemon this stands in for offers no INFLIGHT_SHMFD
+
     async def stop(self, indices):
         self.stopped.append(list(indices))
         return {i: 0 for i in indices}
@@ -293,3 +296,16 @@ def test_an_impossible_ring_is_refused(ram):
     fill_rings(ram, list(range(8)) + [0, 1], [])  # 10 in flight on a queue of 8
     with pytest.raises(RingError, match="10 requests in flight"):
         passthrough_resume_index(ram.ram, NUM, AVAIL, USED)
+
+
+async def test_only_the_writeback_field_of_blk_config_may_be_written(device):
+    """libvhost-user daemons panic on a SET_CONFIG they do not expect
+    (qemu-storage-daemon: 'Set virtio configuration space failed'), so a
+    guest write to capacity never reaches the daemon."""
+    dev, _xen = device
+    await drive_to_driver_ok(dev)
+    with pytest.raises(vm.GuestAccessError, match="not a field"):
+        dev.mmio_write(vm.CONFIG_OFFSET + 0, 4, 0xFFFF)  # capacity
+    with pytest.raises(vm.GuestAccessError):
+        dev.mmio_write(vm.CONFIG_OFFSET + 32, 2, 1)  # wider than writeback
+    assert dev.model.config == bytes(60)
