@@ -546,7 +546,7 @@ def _libc_calls():
     return _libc
 
 
-class SimGrantMapping(GuestMapping):
+class SimGrantMapping(SimGuestMapping):
     """Granted pages, wherever they sit in the RAM memfd, as one contiguous
     view (what gntdev gives): a reservation of n pages, then each run of
     pages consecutive in the memfd mapped MAP_FIXED over its part of it.
@@ -554,10 +554,6 @@ class SimGrantMapping(GuestMapping):
     The reservation is a Python anonymous mmap turned PROT_NONE, so that
     closing it unmaps the whole region at once, and so that mmap's own
     export tracking refuses to unmap while a slice of the view is alive."""
-
-    def __init__(self, mm: mmap.mmap) -> None:
-        self._mm: mmap.mmap | None = mm
-        self.view = memoryview(mm)
 
     @classmethod
     def map(cls, fd: int, offsets: Sequence[int]) -> "SimGrantMapping":
@@ -592,23 +588,7 @@ class SimGrantMapping(GuestMapping):
         except BaseException:
             mm.close()
             raise
-        return cls(mm)
-
-    def close(self) -> None:
-        mm, self._mm = self._mm, None
-        if mm is None:
-            return
-        try:
-            self.view.release()
-            mm.close()  # munmap of the whole region, every page mapped over it included
-        except BufferError:
-            log.debug("grant mapping still exported; unmapped when the last view goes")
-
-    def __enter__(self) -> "SimGrantMapping":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        return cls(mm, memoryview(mm))
 
 
 class SimXenStoreError(XenStoreError):
