@@ -80,7 +80,8 @@ the evtchn device runs it too (a shared IRQ): userspace still sees the
 port, and must still unmask it, since the channel stays masked until then
 (Linux's late EOI) and a masked port runs neither handler. The handler
 takes a slot that is IOREQ_READY, COPY and a write, sets it INPROCESS,
-holds it ``--fast-path-hold-us`` (200 us; 0 decides at once), then either
+holds it ``--fast-path-hold-us`` (default 0: decides at once; tests ask for
+a hold to open the race window below), then either
 signals the eventfd of the first registration whose base + 0x50, addr_len
 and vq (the low 16 bits of the data) match, sets IORESP_READY and notifies
 (the vCPU completes as if the device model had completed the slot), or
@@ -2340,10 +2341,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--fast-path-hold-us",
         type=float,
-        default=200.0,
+        default=0.0,
         metavar="MICROSECONDS",
         help="how long the kernel's ioeventfd handler holds a guest write INPROCESS before it completes it or "
-        "hands it back as IOREQ_READY; 0 decides at once (default: 200)",
+        "hands it back as IOREQ_READY, so a device model sees the slot held; 0 decides at once (default: 0)",
     )
     parser.add_argument(
         "--virtio",
