@@ -129,16 +129,18 @@ class MappedGuestMemory:
                 return
         raise OutsideGuestRam(f"guest-physical {gpa:#x}+{length:#x} is outside guest RAM")
 
-    def read(self, gpa: int, length: int) -> bytes:
+    def read(self, gpa: int, length: int) -> bytes | bytearray:
+        """The bytes at [gpa, gpa + length): bytes within one chunk, a
+        bytearray (not copied once more) when they span several."""
         if gpa >= GRANT_ADDRESS:
-            return bytes(self._granted(gpa, length, None))
+            return self._granted(gpa, length, None)
         shift = self.chunk_shift
         off = gpa & (self.chunk_size - 1)
         if off + length <= self.chunk_size and length > 0 and gpa >= 0:
             chunk = self._chunk(gpa >> shift, gpa, length)
             if chunk.start <= off and off + length <= chunk.end:
                 return bytes(chunk.view[off : off + length])
-        return bytes(self._span(gpa, length, None))
+        return self._span(gpa, length, None)
 
     def write(self, gpa: int, data) -> None:
         length = len(data)
