@@ -19,7 +19,7 @@ import attrs
 import trio
 
 from bridge.device import DeviceSetupError, VhostUserDevice
-from bridge.device_types import DeviceType
+from bridge.device_types import DeviceOptions, DeviceType
 from bridge.discovery import (
     DiscoveryError,
     XenstoreDevice,
@@ -57,6 +57,7 @@ class BridgeConfig:
     fast_path: bool = True
     reconnect: float = 0.0
     """Seconds to redial a daemon that went away (0: DEVICE_NEEDS_RESET at once)."""
+    options: DeviceOptions = DeviceOptions()
 
 
 @attrs.frozen
@@ -146,6 +147,7 @@ async def run_bridge(config: BridgeConfig, *, on_ready: Callable[[str], None] | 
                     queue_size=config.queue_size,
                     timeout=config.timeout,
                     reconnect=config.reconnect,
+                    options=config.options,
                 )
                 await nursery.start(device.run)
                 router.add(placement.base, WINDOW_SIZE, device)

@@ -18,7 +18,7 @@ from bridge.app import BridgeConfig, run_bridge
 from bridge.guest_pages import DEFAULT_MAX_BYTES
 from bridge.device import DeviceSetupError
 from bridge.discovery import DiscoveryError
-from bridge.device_types import DEVICE_TYPES
+from bridge.device_types import DEVICE_TYPES, VIRTIO_FS_TAG_SIZE, DeviceOptions
 from bridge.memory import MODES
 from bridge.split_ring import is_valid_queue_size
 from vhost_user.protocol import VhostUserError
@@ -62,6 +62,13 @@ def _irq(text: str) -> int:
     if not MIN_SPI <= value <= MAX_SPI:
         raise argparse.ArgumentTypeError(f"irq {value} is not an SPI ({MIN_SPI} to {MAX_SPI})")
     return value
+
+
+def _fs_tag(text: str) -> str:
+    size = len(text.encode())
+    if not 0 < size <= VIRTIO_FS_TAG_SIZE:
+        raise argparse.ArgumentTypeError(f"a virtio-fs tag is 1 to {VIRTIO_FS_TAG_SIZE} bytes, not {size}")
+    return text
 
 
 def _devid(text: str) -> int:
@@ -127,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         choices=sorted(DEVICE_TYPES),
         default="blk",
-        help="the virtio device type the daemon serves (default: blk)",
+        help="the virtio device type the daemon serves: blk (qemu-storage-daemon) or fs (virtiofsd) (default: blk)",
     )
     parser.add_argument(
         "--mmio-base",
@@ -140,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--irq", type=_irq, metavar="N", help="the device's SPI (default: what libxl recorded in xenstore)"
+    )
+    parser.add_argument(
+        "--fs-tag",
+        type=_fs_tag,
+        default=DeviceOptions().fs_tag,
+        metavar="TAG",
+        help=(
+            "virtio-fs: the tag the guest mounts (mount -t virtiofs TAG DIR); virtiofsd has no config space, "
+            f"so the bridge supplies it (default: {DeviceOptions().fs_tag})"
+        ),
     )
     parser.add_argument(
         "--devid",
@@ -232,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         map_cache_size=args.map_cache_mib << 20,
         fast_path=args.fast_path,
         reconnect=args.reconnect,
+        options=DeviceOptions(fs_tag=args.fs_tag),
     )
 
     def ready(message: str) -> None:

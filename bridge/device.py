@@ -36,6 +36,7 @@ import trio
 
 from bridge import split_ring
 from bridge.device_types import (
+    DeviceOptions,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_IN_ORDER,
     VIRTIO_F_INDIRECT_DESC,
@@ -99,6 +100,7 @@ class VhostUserDevice:
         queue_size: int = 256,
         timeout: float = 5.0,
         reconnect: float = 0.0,
+        options: DeviceOptions = DeviceOptions(),
     ) -> None:
         self.hv = hypervisor
         self.type = device_type
@@ -110,6 +112,7 @@ class VhostUserDevice:
         self.memory = memory
         self.queue_size = queue_size
         self.timeout = timeout
+        self.options = options
         self.reconnect = reconnect
         """Seconds to keep redialling a daemon that went away (0: give up at
         once and report DEVICE_NEEDS_RESET)."""
@@ -253,7 +256,7 @@ class VhostUserDevice:
             )
         if frontend.num_queues < len(self.model.queues):
             raise DeviceSetupError(f"the new daemon has {frontend.num_queues} queues, not {len(self.model.queues)}")
-        if self.type.config_size and self.model.update_config(frontend.config):
+        if self.model.update_config(self._config_of(frontend)):
             self.raise_interrupt(INT_CONFIG)
         if not self._rings or self.failed is not None or not self.model.status & DeviceStatus.DRIVER_OK:
             return  # nothing running (or the guest reset it meanwhile): the next DRIVER_OK starts it
@@ -302,9 +305,16 @@ class VhostUserDevice:
             vendor_id=VENDOR_ID,
             device_features=features,
             queue_num_max=[self.queue_size] * frontend.num_queues,
-            config=frontend.config,
+            config=self._config_of(frontend),
             config_writable=bool(frontend.protocol_features & ProtocolFeature.CONFIG),
         )
+
+    def _config_of(self, frontend: VhostUserFrontend) -> bytes:
+        """The config space the guest sees: the daemon's, or the one the
+        bridge supplies for a daemon that has none."""
+        if self.type.supplied_config is not None and not frontend.config:
+            return self.type.supplied_config(self.options, frontend.num_queues)
+        return frontend.config
 
     # --- the MMIO window (called by the IOREQ server) -------------------
 

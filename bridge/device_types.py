@@ -4,13 +4,38 @@ it passes between the guest and the daemon.
 The daemon defines the device: its features, queue count and config space
 come from vhost-user. What the bridge adds per type is only what vhost-user
 cannot tell: the virtio device id the guest sees, how many bytes of config
-space to ask for, and how many queues to assume when the daemon does not
-offer MQ.
+space to ask for, how many queues to assume when the daemon does not offer
+MQ, which config fields a driver may write, and, for a daemon that has no
+config space to give (virtiofsd), the config the front-end supplies, as
+QEMU's vhost-user-fs device does.
 """
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Callable
+
 import attrs
+
+
+@attrs.frozen
+class DeviceOptions:
+    """What the user says about a device beyond its daemon (CLI flags)."""
+
+    fs_tag: str = "fs0"
+    """virtio-fs: the tag the guest mounts (mount -t virtiofs TAG DIR)."""
+
+
+VIRTIO_FS_TAG_SIZE = 36
+
+
+def virtio_fs_config(options: DeviceOptions, num_queues: int) -> bytes:
+    """struct virtio_fs_config: char tag[36] (NUL-padded, no terminator
+    needed), le32 num_request_queues (every queue but hiprio)."""
+    tag = options.fs_tag.encode()
+    if not 0 < len(tag) <= VIRTIO_FS_TAG_SIZE:
+        raise ValueError(f"a virtio-fs tag is 1 to {VIRTIO_FS_TAG_SIZE} bytes, not {len(tag)}")
+    return tag.ljust(VIRTIO_FS_TAG_SIZE, b"\0") + struct.pack("<I", max(1, num_queues - 1))
 
 
 @attrs.frozen
@@ -26,6 +51,10 @@ class DeviceType:
     bridge refuses other config writes instead of passing them on
     (libvhost-user daemons panic on a SET_CONFIG they do not expect)."""
 
+    supplied_config: Callable[[DeviceOptions, int], bytes] | None = None
+    """The config space the bridge gives the guest itself, from the options
+    and the daemon's queue count (for daemons without a config space)."""
+
     def config_write_allowed(self, offset: int, size: int) -> bool:
         return any(start <= offset and offset + size <= start + length for start, length in self.writable_config)
 
@@ -36,9 +65,13 @@ DEVICE_TYPES: dict[str, DeviceType] = {
     # Only 'writeback' (offset 32, with VIRTIO_BLK_F_CONFIG_WCE) is the
     # driver's to write.
     "blk": DeviceType("blk", virtio_id=2, config_size=60, default_num_queues=1, writable_config=((32, 1),)),
-    # gpu, fs and net join when the bridge serves them end to end (their
-    # display channel, the virtio-fs config the front-end supplies, net's
-    # queue pairs); until then the CLI does not offer them.
+    # virtiofsd has no config space (no CONFIG protocol feature): the
+    # front-end supplies the tag, as QEMU's vhost-user-fs-pci does. Queue 0
+    # is hiprio, the rest carry requests.
+    "fs": DeviceType("fs", virtio_id=26, config_size=0, default_num_queues=2, supplied_config=virtio_fs_config),
+    # gpu and net join when the bridge serves them end to end (gpu's
+    # display channel, net's queue pairs); until then the CLI does not
+    # offer them.
 }
 
 # Transport feature bits (virtio 1.2 section 6) the bridge lets through from
