@@ -285,7 +285,7 @@ async def test_the_fast_path_is_set_up_and_removed_with_the_server():
     router = MmioRouter()
     router.add(BASE, 0x200, Registers())
     async with trio.open_nursery() as nursery:
-        server = IoreqServer(xen, router)
+        server = IoreqServer(xen, router, kernel_kicks=True)
         await nursery.start(server.serve)
         ports = [LOCAL_PORT_BASE, LOCAL_PORT_BASE + 1]
         assert server.fast_path.assign_kick(BASE, 0, 99)
@@ -300,10 +300,19 @@ async def test_the_fast_path_is_set_up_and_removed_with_the_server():
 async def test_an_old_kernel_turns_the_fast_path_off_once(served):
     xen, _regs, server = served
     xen.fast_path_supported = False
-    assert not server.fast_path.assign_kick(BASE, 0, 99)
+    assert not server.fast_path.assign_irq(33, 98)
     xen.fast_path_supported = True
-    assert not server.fast_path.assign_irq(33, 98)  # not asked again
+    assert not server.fast_path.assign_irq(34, 97)  # not asked again
     assert not [c for c in xen.calls if c[0] in ("ioeventfd", "irqfd")]
+
+
+async def test_kicks_go_to_the_kernel_only_when_asked(served):
+    """By default only interrupts use the fast path (xen.fast_path says
+    why): no ioeventfd is even tried."""
+    xen, _regs, server = served
+    assert not server.fast_path.assign_kick(BASE, 0, 99)
+    assert server.fast_path.assign_irq(33, 98)
+    assert [c[0] for c in xen.calls if c[0] in ("ioeventfd", "irqfd")] == ["irqfd"]
 
 
 async def test_a_slow_access_holds_only_its_own_vcpu(served):

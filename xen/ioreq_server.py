@@ -123,10 +123,13 @@ class RateLimitedLog:
 class IoreqServer:
     """Serves one domain's ioreqs for the windows in ``router``."""
 
-    def __init__(self, hypervisor: Hypervisor, router: MmioRouter, *, fast_path: bool = True) -> None:
+    def __init__(
+        self, hypervisor: Hypervisor, router: MmioRouter, *, fast_path: bool = True, kernel_kicks: bool = False
+    ) -> None:
         self.hv = hypervisor
         self.router = router
         self.fast_path_wanted = fast_path
+        self.kernel_kicks = kernel_kicks
         self.fast_path: KernelFastPath | None = None
         """Set once serving; the devices register their kicks and
         interrupts with it."""
@@ -172,7 +175,9 @@ class IoreqServer:
             local = self._evtchn.bind_interdomain(hv.domid, remote)
             self._port_vcpu[local] = vcpu
             self._vcpu_port.append(local)
-        self.fast_path = KernelFastPath(hv, self._pages, self._vcpu_port, enabled=self.fast_path_wanted)
+        self.fast_path = KernelFastPath(
+            hv, self._pages, self._vcpu_port, enabled=self.fast_path_wanted, kicks=self.kernel_kicks
+        )
         for base, size in self.router.windows():
             hv.map_mmio_range(self.server_id, base, base + size - 1)
         log.debug("ioreq server %d for domain %d: %d vCPUs, ports %s", self.server_id, hv.domid, self.nr_vcpus, self._vcpu_port)
