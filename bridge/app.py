@@ -1,5 +1,5 @@
-"""Put it together: a hypervisor, the device's place in the guest (flags or
-xenstore), guest memory, one device, the IOREQ server.
+"""Put it together: a hypervisor, each device's place in the guest (flags or
+xenstore), guest memory, the devices, one IOREQ server for all of them.
 
 Start-up order matters: the daemon is dialled first (the device's features,
 queues and config come from it), then the IOREQ server maps the window, so
@@ -23,8 +23,11 @@ from bridge.device_types import DeviceOptions, DeviceType
 from bridge.discovery import (
     DiscoveryError,
     XenstoreDevice,
+    backend_root,
+    choose_device,
     close_backend,
-    discover,
+    find_devices,
+    own_domid,
     set_state,
     watch_until_gone,
 )
@@ -39,15 +42,26 @@ log = logging.getLogger(__name__)
 
 
 @attrs.frozen
-class BridgeConfig:
-    domid: int
-    socket_path: str
+class DeviceConfig:
+    """One virtio device of the guest and the daemon that serves it."""
+
     device_type: DeviceType
+    socket_path: str
     mmio_base: int | None = None
     """None: from xenstore, where libxl recorded the device (with ``irq``)."""
     irq: int | None = None
     devid: int | None = None
-    """Which of the guest's xenstore virtio devices, when several could be ours."""
+    """Which of the guest's xenstore virtio devices, when several could be this one."""
+    options: DeviceOptions = DeviceOptions()
+
+    def describe(self) -> str:
+        return f"virtio-{self.device_type.name} ({self.socket_path})"
+
+
+@attrs.frozen
+class BridgeConfig:
+    domid: int
+    devices: tuple[DeviceConfig, ...]
     xen_sim: str | None = None
     queue_size: int = 256
     timeout: float = 5.0
@@ -55,57 +69,105 @@ class BridgeConfig:
     arena_size: int = 64 << 20
     map_cache_size: int = DEFAULT_MAX_BYTES
     fast_path: bool = True
+    kernel_kicks: bool = False
+    """Also give QueueNotify writes to the kernel (xen.fast_path says why not by default)."""
     reconnect: float = 0.0
     """Seconds to redial a daemon that went away (0: DEVICE_NEEDS_RESET at once)."""
-    options: DeviceOptions = DeviceOptions()
 
 
 @attrs.frozen
 class Placement:
-    """Where the device sits in the guest, and who said so."""
+    """Where a device sits in the guest, and who said so."""
 
     base: int
     irq: int
     xenstore: XenstoreDevice | None = None
 
 
-def place_device(config: BridgeConfig, xs: XenStore | None) -> Placement:
-    """The window and SPI: the flags where given, else xenstore's."""
-    if config.mmio_base is not None and config.irq is not None:
-        return Placement(config.mmio_base, config.irq)
-    found = discover(xs, config.domid, config.device_type, config.devid)
-    base = config.mmio_base if config.mmio_base is not None else found.base
-    irq = config.irq if config.irq is not None else found.irq
-    return Placement(base, irq, found)
+def place_devices(config: BridgeConfig, xs: XenStore | None) -> list[Placement]:
+    """Each device's window and SPI: its flags where given, else the
+    xenstore entry it claims (its --devid, or the first unclaimed one of its
+    type, in devid order). Windows must not overlap, SPIs not repeat."""
+    found: list[XenstoreDevice] | None = None
+    where = ""
+    claimed: set[int] = set()
+    placements = []
+    for dev in config.devices:
+        if dev.mmio_base is not None and dev.irq is not None:
+            placements.append(Placement(dev.mmio_base, dev.irq))
+            continue
+        if found is None:
+            backend = own_domid(xs)
+            found = find_devices(xs, config.domid, backend)
+            where = backend_root(backend, config.domid)
+        entry = choose_device([d for d in found if d.devid not in claimed], dev.device_type, dev.devid, where=where,
+                              first=len(config.devices) > 1)
+        claimed.add(entry.devid)
+        placements.append(Placement(
+            dev.mmio_base if dev.mmio_base is not None else entry.base,
+            dev.irq if dev.irq is not None else entry.irq,
+            entry,
+        ))
+    for i, (dev, place) in enumerate(zip(config.devices, placements)):
+        for other, other_place in zip(config.devices[:i], placements[:i]):
+            if abs(place.base - other_place.base) < WINDOW_SIZE:
+                raise DiscoveryError(
+                    f"{dev.describe()} at {place.base:#x} overlaps {other.describe()} at {other_place.base:#x}"
+                )
+            if place.irq == other_place.irq:
+                raise DiscoveryError(f"{dev.describe()} and {other.describe()} would share irq {place.irq}")
+    return placements
 
 
-def choose_memory(config: BridgeConfig, hv: Hypervisor, placement: Placement):
-    """The memory model: passthrough where guest RAM is a file the daemon
-    can map and the guest gives addresses, shadow otherwise (real Xen, a
-    guest using grants) or when asked."""
-    grants = placement.xenstore is not None and placement.xenstore.grant_usage
-    banks = hv.guest_ram()
-    mode = config.memory
-    if mode == "auto":
-        mode = "passthrough" if banks is not None and not grants else "shadow"
-    if mode == "passthrough":
-        if grants:
-            raise DiscoveryError(
-                f"{placement.xenstore.describe()} has grant_usage=1: the guest gives grant references, which "
-                "only the bridge can map, so it needs --memory shadow (or auto)"
-            )
-        if banks is None:
-            raise HypervisorError(
-                "--memory passthrough needs guest RAM as a file the daemon can map, and this hypervisor has none "
-                "(on Xen only foreign mappings reach guest RAM): use --memory shadow"
-            )
-        return PassthroughMemory(GuestRamMap(banks))
-    guest = MappedGuestMemory(hv, max_bytes=config.map_cache_size)
-    try:
-        return ShadowMemory(guest, config.arena_size)
-    except BaseException:
-        guest.close()
-        raise
+class GuestMemory:
+    """The bridge's views of guest RAM, made when a device first needs one
+    and shared by every device: all of RAM as files (passthrough), and the
+    on-demand page cache (shadow). Each shadow device has its own arena, so
+    a daemon sees only its own buffers."""
+
+    def __init__(self, config: BridgeConfig, hv: Hypervisor) -> None:
+        self.config = config
+        self.hv = hv
+        self.banks = hv.guest_ram()
+        self._ram: GuestRamMap | None = None
+        self._pages: MappedGuestMemory | None = None
+        self._models: list = []
+
+    def for_device(self, dev: DeviceConfig, place: Placement):
+        """The memory model of one device: passthrough where guest RAM is a
+        file the daemon can map and the guest gives addresses; shadow
+        otherwise (real Xen, a guest using grants) or when asked."""
+        grants = place.xenstore is not None and place.xenstore.grant_usage
+        mode = self.config.memory
+        if mode == "auto":
+            mode = "passthrough" if self.banks is not None and not grants else "shadow"
+        if mode == "passthrough":
+            if grants:
+                raise DiscoveryError(
+                    f"{place.xenstore.describe()} has grant_usage=1: the guest gives grant references, which "
+                    "only the bridge can map, so it needs --memory shadow (or auto)"
+                )
+            if self.banks is None:
+                raise HypervisorError(
+                    "--memory passthrough needs guest RAM as a file the daemon can map, and this hypervisor has "
+                    "none (on Xen only foreign mappings reach guest RAM): use --memory shadow"
+                )
+            if self._ram is None:
+                self._ram = GuestRamMap(self.banks)
+            model = PassthroughMemory(self._ram)
+        else:
+            if self._pages is None:
+                self._pages = MappedGuestMemory(self.hv, max_bytes=self.config.map_cache_size)
+            model = ShadowMemory(self._pages, self.config.arena_size)
+        self._models.append(model)
+        return model
+
+    def close(self) -> None:
+        for model in self._models:
+            model.close()
+        for ram in (self._pages, self._ram):
+            if ram is not None:
+                ram.close()
 
 
 def check_daemon_socket(path: str) -> None:
@@ -123,46 +185,54 @@ def check_daemon_socket(path: str) -> None:
 
 async def run_bridge(config: BridgeConfig, *, on_ready: Callable[[str], None] | None = None) -> None:
     """Serve until SIGINT or SIGTERM, cancellation, or the toolstack removing
-    the device."""
-    check_daemon_socket(config.socket_path)
+    a device."""
+    if not config.devices:
+        raise DeviceSetupError("no device to serve")
+    for dev in config.devices:
+        check_daemon_socket(dev.socket_path)
     hv = open_hypervisor(config.domid, config.xen_sim)
-    xs = memory = placement = None
+    xs = memory = None
+    placements: list[Placement] = []
     try:
-        if config.mmio_base is None or config.irq is None:
+        if any(dev.mmio_base is None or dev.irq is None for dev in config.devices):
             xs = hv.xenstore()
-        placement = place_device(config, xs)
-        if placement.xenstore is not None:
-            set_state(xs, placement.xenstore, XenbusState.INIT_WAIT)
-        memory = choose_memory(config, hv, placement)
+        placements = place_devices(config, xs)
+        for place in placements:
+            if place.xenstore is not None:
+                set_state(xs, place.xenstore, XenbusState.INIT_WAIT)
+        memory = GuestMemory(config, hv)
         router = MmioRouter()
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
-                device = VhostUserDevice(
-                    hypervisor=hv,
-                    device_type=config.device_type,
-                    socket_path=config.socket_path,
-                    irq=placement.irq,
-                    base=placement.base,
-                    memory=memory,
-                    queue_size=config.queue_size,
-                    timeout=config.timeout,
-                    reconnect=config.reconnect,
-                    options=config.options,
-                )
-                await nursery.start(device.run)
-                router.add(placement.base, WINDOW_SIZE, device)
-                server = IoreqServer(hv, router, fast_path=config.fast_path)
+                devices = []
+                for dev, place in zip(config.devices, placements):
+                    device = VhostUserDevice(
+                        hypervisor=hv,
+                        device_type=dev.device_type,
+                        socket_path=dev.socket_path,
+                        irq=place.irq,
+                        base=place.base,
+                        memory=memory.for_device(dev, place),
+                        queue_size=config.queue_size,
+                        timeout=config.timeout,
+                        reconnect=config.reconnect,
+                        options=dev.options,
+                    )
+                    await nursery.start(device.run)
+                    router.add(place.base, WINDOW_SIZE, device)
+                    devices.append(device)
+                server = IoreqServer(hv, router, fast_path=config.fast_path, kernel_kicks=config.kernel_kicks)
                 await nursery.start(server.serve)
-                device.fast_path = server.fast_path
-                if placement.xenstore is not None:
-                    set_state(xs, placement.xenstore, XenbusState.CONNECTED)
-                    nursery.start_soon(_stop_when_removed, xs, placement.xenstore, nursery.cancel_scope)
-                end = placement.base + WINDOW_SIZE - 1
-                source = "" if placement.xenstore is None else f" (xenstore {placement.xenstore.path})"
-                message = (
-                    f"serving virtio-{config.device_type.name} for domain {config.domid} at "
-                    f"{placement.base:#x}-{end:#x}, irq {placement.irq}{source}, daemon {config.socket_path}, "
-                    f"{memory.mode} memory"
+                for device in devices:
+                    device.fast_path = server.fast_path
+                in_xenstore = [place.xenstore for place in placements if place.xenstore is not None]
+                for entry in in_xenstore:
+                    set_state(xs, entry, XenbusState.CONNECTED)
+                if in_xenstore:
+                    nursery.start_soon(_stop_when_removed, xs, in_xenstore, nursery.cancel_scope)
+                message = "; ".join(
+                    _serving(config.domid, dev, place, device.memory.mode)
+                    for dev, place, device in zip(config.devices, placements, devices)
                 )
                 log.info("%s", message)
                 if on_ready is not None:
@@ -175,13 +245,25 @@ async def run_bridge(config: BridgeConfig, *, on_ready: Callable[[str], None] | 
         if memory is not None:
             memory.close()
         if xs is not None:
-            if placement is not None and placement.xenstore is not None:
-                close_backend(xs, placement.xenstore)
+            for place in placements:
+                if place.xenstore is not None:
+                    close_backend(xs, place.xenstore)
             xs.close()
         hv.close()
 
 
-async def _stop_when_removed(xs: XenStore, device: XenstoreDevice, scope: trio.CancelScope) -> None:
-    reason = await watch_until_gone(xs, device)
+def _serving(domid: int, dev: DeviceConfig, place: Placement, mode: str) -> str:
+    end = place.base + WINDOW_SIZE - 1
+    source = "" if place.xenstore is None else f" (xenstore {place.xenstore.path})"
+    return (
+        f"serving virtio-{dev.device_type.name} for domain {domid} at {place.base:#x}-{end:#x}, irq {place.irq}"
+        f"{source}, daemon {dev.socket_path}, {mode} memory"
+    )
+
+
+async def _stop_when_removed(xs: XenStore, devices: list[XenstoreDevice], scope: trio.CancelScope) -> None:
+    """The toolstack took a device away (the domain is going): stop. Xen
+    4.17 has no virtio hot-unplug, so the others are going too."""
+    reason = await watch_until_gone(xs, devices)
     log.warning("%s: stopping", reason)
     scope.cancel()

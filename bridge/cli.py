@@ -12,9 +12,10 @@ import argparse
 import logging
 import sys
 
+import attrs
 import trio
 
-from bridge.app import BridgeConfig, run_bridge
+from bridge.app import BridgeConfig, DeviceConfig, run_bridge
 from bridge.guest_pages import DEFAULT_MAX_BYTES
 from bridge.device import DeviceSetupError
 from bridge.discovery import DiscoveryError
@@ -71,6 +72,77 @@ def _fs_tag(text: str) -> str:
     return text
 
 
+@attrs.frozen
+class DeviceSpec:
+    """One --device as given: the type, and with several devices its socket
+    and options."""
+
+    type: str
+    socket: str | None = None
+    options: dict = attrs.field(factory=dict)
+
+
+_SPEC_OPTIONS = ("mmio-base", "irq", "devid", "fs-tag")
+
+
+def _device_spec(text: str) -> DeviceSpec:
+    kind, sep, rest = text.partition(":")
+    if kind not in DEVICE_TYPES:
+        raise argparse.ArgumentTypeError(f"device type {kind!r} is not one of {', '.join(sorted(DEVICE_TYPES))}")
+    if not sep:
+        return DeviceSpec(kind)
+    socket_path, *pairs = rest.split(",")
+    if not socket_path:
+        raise argparse.ArgumentTypeError(f"--device {text}: no socket path after the colon")
+    options = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or key not in _SPEC_OPTIONS:
+            raise argparse.ArgumentTypeError(
+                f"--device {text}: {pair!r} is not one of {', '.join(f'{k}=...' for k in _SPEC_OPTIONS)}"
+            )
+        parse = {"mmio-base": _mmio_base, "irq": _irq, "devid": _devid, "fs-tag": _fs_tag}[key]
+        options[key] = parse(value)
+    return DeviceSpec(kind, socket_path, options)
+
+
+def device_configs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[DeviceConfig, ...]:
+    """The devices the command line asks for (parser.error on a mix-up)."""
+    specs = args.device or [DeviceSpec("blk")]
+    inline = [spec for spec in specs if spec.socket is not None]
+    if not inline:
+        if len(specs) > 1:
+            parser.error("several devices need a socket each: --device TYPE:SOCKET")
+        if args.socket is None:
+            parser.error("the following arguments are required: --socket (or --device TYPE:SOCKET)")
+        return (DeviceConfig(
+            device_type=DEVICE_TYPES[specs[0].type],
+            socket_path=args.socket,
+            mmio_base=args.mmio_base,
+            irq=args.irq,
+            devid=args.devid,
+            options=DeviceOptions(fs_tag=args.fs_tag),
+        ),)
+    if len(inline) != len(specs) or args.socket is not None:
+        parser.error("give every device its socket as --device TYPE:SOCKET, or one device with --socket, not both")
+    single = [flag for flag, value in (("--mmio-base", args.mmio_base), ("--irq", args.irq), ("--devid", args.devid))
+              if value is not None]
+    if single:
+        parser.error(f"{', '.join(single)} set one device; with --device TYPE:SOCKET use its options "
+                     "(mmio-base=, irq=, devid=)")
+    return tuple(
+        DeviceConfig(
+            device_type=DEVICE_TYPES[spec.type],
+            socket_path=spec.socket,
+            mmio_base=spec.options.get("mmio-base"),
+            irq=spec.options.get("irq"),
+            devid=spec.options.get("devid"),
+            options=DeviceOptions(fs_tag=spec.options.get("fs-tag", args.fs_tag)),
+        )
+        for spec in specs
+    )
+
+
 def _devid(text: str) -> int:
     value = _int(text)
     if value < 0:
@@ -119,11 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
             "Serve a Xen guest's virtio-mmio device with an unmodified vhost-user daemon: "
             "an IOREQ server for the device's MMIO window that speaks vhost-user to the daemon."
         ),
-        epilog="Example: %(prog)s --domid 1 --socket /run/vhost-blk.sock --xen-sim /tmp/xen-sim.sock",
+        epilog=(
+            "Examples: %(prog)s --domid 1 --socket /run/vhost-blk.sock; "
+            "%(prog)s --domid 1 --device blk:/run/blk.sock --device fs:/run/fs.sock,fs-tag=share"
+        ),
     )
     parser.add_argument("--domid", type=_domid, required=True, help="the guest's domain id")
     parser.add_argument(
-        "--socket", required=True, metavar="PATH", help="the vhost-user daemon's UNIX socket (the daemon listens)"
+        "--socket",
+        metavar="PATH",
+        help="the vhost-user daemon's UNIX socket (the daemon listens), for a bridge of one device",
     )
     parser.add_argument(
         "--xen-sim",
@@ -132,9 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--device",
-        choices=sorted(DEVICE_TYPES),
-        default="blk",
-        help="the virtio device type the daemon serves: blk (qemu-storage-daemon) or fs (virtiofsd) (default: blk)",
+        action="append",
+        type=_device_spec,
+        metavar="TYPE[:SOCKET[,OPTION=VALUE...]]",
+        help=(
+            f"a virtio device and its daemon; TYPE is {' or '.join(sorted(DEVICE_TYPES))}. One device: "
+            "--device TYPE with --socket (default: blk). Several: repeat --device TYPE:SOCKET, each with its "
+            "own options mmio-base=ADDR, irq=N, devid=N, fs-tag=TAG (the flags of those names are for one "
+            "device only)"
+        ),
     )
     parser.add_argument(
         "--mmio-base",
@@ -208,6 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--kernel-kicks",
+        action="store_true",
+        help=(
+            "with the fast path, let the kernel take the guest's QueueNotify writes too (IOCTL_PRIVCMD_IOEVENTFD); "
+            "off by default: Linux's handler and this process can both take the vCPU's next access (see the README)"
+        ),
+    )
+    parser.add_argument(
         "--reconnect",
         type=_reconnect,
         default=DEFAULT_RECONNECT,
@@ -231,16 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    devices = device_configs(args, parser)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
     config = BridgeConfig(
         domid=args.domid,
-        socket_path=args.socket,
-        device_type=DEVICE_TYPES[args.device],
-        mmio_base=args.mmio_base,
-        irq=args.irq,
-        devid=args.devid,
+        devices=devices,
         xen_sim=args.xen_sim,
         queue_size=args.queue_size,
         timeout=args.timeout,
@@ -248,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         arena_size=args.arena_mib << 20,
         map_cache_size=args.map_cache_mib << 20,
         fast_path=args.fast_path,
+        kernel_kicks=args.kernel_kicks,
         reconnect=args.reconnect,
-        options=DeviceOptions(fs_tag=args.fs_tag),
     )
 
     def ready(message: str) -> None:

@@ -143,10 +143,11 @@ def find_devices(xs: XenStore, domid: int, backend_domid: int | None = None) -> 
 
 
 def choose_device(
-    devices: list[XenstoreDevice], device_type: DeviceType, devid: int | None, *, where: str
+    devices: list[XenstoreDevice], device_type: DeviceType, devid: int | None, *, where: str, first: bool = False
 ) -> XenstoreDevice:
-    """The one device the bridge serves: ``devid`` if given, else the only
-    one of the daemon's type."""
+    """The device a daemon serves: ``devid`` if given, else the only one of
+    the daemon's type (with ``first``, the first one: several daemons of one
+    type take the entries in devid order)."""
     if not devices:
         raise DiscoveryError(
             f"xenstore lists no virtio device under {where}: give the guest one (virtio = "
@@ -165,7 +166,7 @@ def choose_device(
                 f"no virtio-{device_type.name} device (virtio,device{device_type.virtio_id:x}) under {where}; "
                 f"there are {kinds}"
             )
-        if len(chosen) > 1:
+        if len(chosen) > 1 and not first:
             raise DiscoveryError(
                 f"{len(chosen)} virtio devices under {where} could be virtio-{device_type.name} "
                 f"({[d.devid for d in chosen]}): pick one with --devid"
@@ -214,19 +215,26 @@ def gone_reason(xs: XenStore, device: XenstoreDevice) -> str | None:
     return None
 
 
-async def watch_until_gone(xs: XenStore, device: XenstoreDevice) -> str:
-    """Return (with the reason) once the toolstack removes the device."""
-    token = f"xen-vhost-bridge/{device.domid}/{device.devid}"
-    xs.watch(device.path, token)
+async def watch_until_gone(xs: XenStore, devices: XenstoreDevice | list[XenstoreDevice]) -> str:
+    """Return (with the reason) once the toolstack removes one of the
+    devices. One xenstore connection has one watch fd, so one task watches
+    them all."""
+    if isinstance(devices, XenstoreDevice):
+        devices = [devices]
+    tokens = [(d.path, f"xen-vhost-bridge/{d.domid}/{d.devid}") for d in devices]
+    for path, token in tokens:
+        xs.watch(path, token)
     try:
         while True:
-            reason = gone_reason(xs, device)
-            if reason is not None:
-                return reason
+            for device in devices:
+                reason = gone_reason(xs, device)
+                if reason is not None:
+                    return reason
             await trio.lowlevel.wait_readable(xs.fileno())
             xs.read_watches()
     finally:
-        try:
-            xs.unwatch(device.path, token)
-        except XenStoreError:
-            pass
+        for path, token in tokens:
+            try:
+                xs.unwatch(path, token)
+            except XenStoreError:
+                pass

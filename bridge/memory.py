@@ -14,8 +14,8 @@ RAM bank, for the user addresses of the region table. Shadow reads and
 writes guest rings and buffers through any object with ``read``, ``write``
 and ``check_range`` of the same contract: on Xen (and by default in the
 simulator) that is :class:`bridge.guest_pages.MappedGuestMemory`, which maps
-only the pages it touches. Each memory model owns, and closes, its guest
-memory.
+only the pages it touches. Guest memory is shared by every device of a
+bridge, so its owner (``bridge.app``) closes it, not the memory models.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class PassthroughMemory:
         ]
 
     def close(self) -> None:
-        self.ram.close()
+        pass  # the guest RAM map is shared; its owner closes it
 
 
 class ShadowMemory:
@@ -127,7 +127,6 @@ class ShadowMemory:
 
     def close(self) -> None:
         self.arena.close()
-        self.ram.close()
 
 
 def address_of(buffer) -> int:

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from bridge.cli import build_parser
+from bridge.cli import build_parser, device_configs
 from bridge.device_types import DEVICE_TYPES, DeviceOptions, virtio_fs_config
 
 
@@ -35,6 +35,9 @@ def test_fs_is_virtio_id_26_with_a_supplied_config_and_blk_keeps_its_own():
 def test_the_cli_takes_a_tag_that_fits():
     parser = build_parser()
     args = parser.parse_args(["--domid", "1", "--socket", "/s", "--device", "fs", "--fs-tag", "share"])
-    assert (args.device, args.fs_tag) == ("fs", "share")
+    [device] = device_configs(args, parser)
+    assert (device.device_type.name, device.options.fs_tag) == ("fs", "share")
+    args = parser.parse_args(["--domid", "1", "--device", "fs:/a,fs-tag=one", "--device", "fs:/b"])
+    assert [d.options.fs_tag for d in device_configs(args, parser)] == ["one", "fs0"]
     with pytest.raises(SystemExit):
         parser.parse_args(["--domid", "1", "--socket", "/s", "--fs-tag", "x" * 37])

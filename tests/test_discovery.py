@@ -9,6 +9,7 @@ import os
 import pytest
 import trio
 
+from bridge.app import BridgeConfig, DeviceConfig, place_devices
 from bridge.device_types import DEVICE_TYPES
 from bridge.discovery import (
     DiscoveryError,
@@ -276,3 +277,38 @@ async def test_watch_returns_when_the_toolstack_takes_the_device_away(store, cha
     assert reason in result[0]
     assert xs.watches == []  # unwatched on the way out
     assert gone_reason(xs, dev) is not None
+
+
+# --- several devices in one bridge -------------------------------------------
+
+FS = DEVICE_TYPES["fs"]
+
+
+def config(*devices: DeviceConfig) -> BridgeConfig:
+    return BridgeConfig(domid=3, devices=devices)
+
+
+def test_devices_of_one_type_claim_the_entries_in_devid_order(store):
+    xs = store(libxl_device(3, 0, "virtio,device2"), libxl_device(3, 1, "virtio,device1a"),
+               libxl_device(3, 2, "virtio,device2"))
+    places = place_devices(config(DeviceConfig(BLK, "/a"), DeviceConfig(FS, "/b"), DeviceConfig(BLK, "/c")), xs)
+    assert [(p.xenstore.devid, p.base, p.irq) for p in places] == [
+        (0, 0x02000000, 33), (1, 0x02000200, 34), (2, 0x02000400, 35)]
+    with pytest.raises(DiscoveryError, match="no virtio-blk device|no virtio device"):
+        place_devices(config(DeviceConfig(BLK, "/a"), DeviceConfig(BLK, "/b"), DeviceConfig(BLK, "/c")), xs)
+
+
+def test_a_devid_and_flags_mix_with_discovery(store):
+    xs = store(libxl_device(3, 0, "virtio,device2"), libxl_device(3, 1, "virtio,device2"))
+    places = place_devices(config(DeviceConfig(BLK, "/a", devid=1), DeviceConfig(BLK, "/b"),
+                                  DeviceConfig(BLK, "/c", mmio_base=0x3000000, irq=50)), xs)
+    assert [(p.base, p.irq) for p in places] == [(0x02000200, 34), (0x02000000, 33), (0x3000000, 50)]
+    assert places[2].xenstore is None
+
+
+def test_overlapping_windows_and_shared_irqs_are_refused(store):
+    xs = store(libxl_device(3, 0, "virtio,device2"))
+    with pytest.raises(DiscoveryError, match="overlaps"):
+        place_devices(config(DeviceConfig(BLK, "/a"), DeviceConfig(BLK, "/b", mmio_base=0x02000100, irq=40)), xs)
+    with pytest.raises(DiscoveryError, match="share irq 33"):
+        place_devices(config(DeviceConfig(BLK, "/a"), DeviceConfig(BLK, "/b", mmio_base=0x3000000, irq=33)), xs)

@@ -201,7 +201,13 @@ def test_without_xen_or_simulator_is_one_clear_line(workdir):
         (["--domid", "1", "--socket", "/x", "--irq", "12"], "SPI"),
         (["--domid", "1", "--socket", "/x", "--mmio-base", "0x2000100"], "0x200"),
         (["--domid", "1", "--socket", "/x", "--queue-size", "100"], "power of two"),
-        (["--domid", "1", "--socket", "/x", "--device", "tape"], "invalid choice"),
+        (["--domid", "1", "--socket", "/x", "--device", "tape"], "'tape' is not one of blk, fs"),
+        (["--domid", "1", "--device", "blk:/a", "--device", "fs"], "its socket"),
+        (["--domid", "1", "--device", "blk:/a", "--socket", "/b"], "not both"),
+        (["--domid", "1", "--device", "blk:/a", "--device", "fs:/b", "--irq", "40"], "--irq set one device"),
+        (["--domid", "1", "--device", "blk:/a,colour=red"], "'colour=red' is not one of"),
+        (["--domid", "1", "--device", "blk:/a,irq=12"], "SPI"),
+        (["--domid", "1", "--device", "blk", "--device", "fs"], "a socket each"),
     ],
 )
 def test_bad_flags_are_refused(args, complaint):

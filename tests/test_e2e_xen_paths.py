@@ -91,7 +91,7 @@ async def test_removing_the_device_from_xenstore_stops_the_bridge_cleanly(workdi
     [("passthrough", True), ("shadow", False)],  # shadow copies completions back: the bridge raises them
 )
 async def test_the_kernel_takes_kicks_and_interrupts_where_it_can(workdir, memory, kernel_irqs):
-    with BlkTestbed(workdir, vcpus=2, bridge_extra=["--memory", memory]) as bed:
+    with BlkTestbed(workdir, vcpus=2, bridge_extra=["--memory", memory, "--kernel-kicks"]) as bed:
         await random_io(bed)
         stats = sim_stats(bed)
         assert stats["kernel_kicks"] > 0
@@ -105,10 +105,20 @@ async def test_slots_the_kernel_holds_then_hands_back_are_not_lost(workdir, memo
     before it takes a kick or hands the slot back: the bridge sees held
     slots on every access and must serve those handed back (or the vCPU
     would hang, which the simulator reports)."""
-    with BlkTestbed(workdir, vcpus=2, bridge_extra=["--memory", memory],
+    with BlkTestbed(workdir, vcpus=2, bridge_extra=["--memory", memory, "--kernel-kicks"],
                     sim_extra=["--fast-path-hold-us", "200"]) as bed:
         await random_io(bed)
         assert sim_stats(bed)["kernel_kicks"] > 0
+
+
+@pytest.mark.parametrize("memory", ["passthrough", "shadow"])
+async def test_by_default_only_interrupts_take_the_fast_path(workdir, memory):
+    with BlkTestbed(workdir, vcpus=2, bridge_extra=["--memory", memory]) as bed:
+        await random_io(bed)
+        stats = sim_stats(bed)
+        assert stats["kernel_kicks"] == 0
+        assert (stats["kernel_irqs"] > 0) == (memory == "passthrough")
+        assert "kicks relayed by the bridge" in bed.bridge.output()
 
 
 @pytest.mark.parametrize("memory", ["passthrough", "shadow"])
@@ -133,7 +143,7 @@ async def test_resets_register_and_remove_the_fast_path_each_time(workdir):
     """Every start registers the ring's eventfds, every reset removes them
     (the simulator refuses a second registration of the same queue, and a
     removed one no longer takes kicks)."""
-    with BlkTestbed(workdir, bridge_extra=["--memory", "passthrough"]) as bed:
+    with BlkTestbed(workdir, bridge_extra=["--memory", "passthrough", "--kernel-kicks"]) as bed:
         async with SimGuest.open(bed.control) as guest:
             for round_ in range(3):
                 transport, blk = await open_blk(guest, bed)
