@@ -192,7 +192,7 @@ async def test_a_matching_queue_notify_completes_in_the_kernel(start_sim, connec
 
 
 async def test_kicks_complete_while_the_device_model_keeps_unmasking(start_sim, connect, eventfd):
-    sim = start_sim()
+    sim = start_sim(extra_args=("--fast-path-hold-us", "200"))  # so userspace catches slots held
     dm = FastDM(connect(sim))
     kicks = [eventfd(), eventfd()]
     dm.kick(kicks[0], vq=0)
