@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+from collections.abc import Sequence
 
 from bridge.processes import Child
 
@@ -65,3 +67,98 @@ def _accepts(path: str) -> bool:
         return False
     finally:
         probe.close()
+
+
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+VIRTIOFSD_PIDFILE_DIR = "/var/run/virtiofsd"
+"""Where QEMU's C virtiofsd writes (and never removes) a pid file per socket."""
+
+
+def virtiofsd_argv(shared_dir: str, socket_path: str, *, extra: Sequence[str] = ()) -> list[str]:
+    """The command line of daemons.md (``extra``: more options, e.g.
+    ``["-o", "log_level=debug"]``)."""
+    binary = _require(VIRTIOFSD, "qemu-system-common")
+    return [binary, f"--socket-path={socket_path}", "-o", f"source={shared_dir}", "-o", "sandbox=chroot", *extra]
+
+
+def virtiofsd_pidfile(socket_path: str) -> str:
+    """The pid file virtiofsd writes for ``socket_path``: the path with
+    every "/" made a ".", under /var/run/virtiofsd."""
+    return os.path.join(VIRTIOFSD_PIDFILE_DIR, socket_path.replace("/", ".") + ".pid")
+
+
+class VirtiofsdChild(Child):
+    """virtiofsd as a child: stopping it also removes the pid file it
+    leaves behind (only while the file still names this process)."""
+
+    def __init__(self, argv: Sequence[str], socket_path: str) -> None:
+        super().__init__("virtiofsd", argv)
+        self.pidfile = virtiofsd_pidfile(socket_path)
+
+    def stop(self, grace: float = 5.0) -> int | None:
+        status = super().stop(grace)
+        self._remove_pidfile()
+        return status
+
+    def kill(self) -> None:
+        super().kill()
+        self._remove_pidfile()
+
+    def wait_exit(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the daemon to exit by itself
+        (it does when its front-end's connection closes); True if it did."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def _remove_pidfile(self) -> None:
+        try:
+            with open(self.pidfile) as f:
+                owner = f.read().strip()
+            if owner == str(self.pid):
+                os.unlink(self.pidfile)
+        except OSError:
+            pass
+
+
+def start_virtiofsd(
+    shared_dir: str,
+    socket_path: str,
+    *,
+    extra: Sequence[str] = (),
+    timeout: float = 10.0,
+) -> VirtiofsdChild:
+    """Start virtiofsd sharing ``shared_dir`` on ``socket_path`` and wait
+    until it listens. virtiofsd serves one front-end connection and exits
+    when it closes, so readiness is read from /proc/net/unix instead of
+    probing the socket with a connection. The caller stops it."""
+    if not os.path.isdir(shared_dir):
+        raise FileNotFoundError(f"virtiofsd: shared directory {shared_dir} does not exist")
+    child = VirtiofsdChild(virtiofsd_argv(shared_dir, socket_path, extra=extra), socket_path)
+    try:
+        child.wait_for(lambda: _listening(socket_path), f"listening on {socket_path}", timeout)
+    except BaseException:
+        child.stop()
+        raise
+    return child
+
+
+_SO_ACCEPTCON = 0x10000
+"""The Flags bit of a listening socket in /proc/net/unix."""
+
+
+def _listening(path: str) -> bool:
+    """Whether a UNIX socket bound to ``path`` is listening (from
+    /proc/net/unix: Num RefCount Protocol Flags Type St Inode Path)."""
+    try:
+        with open("/proc/net/unix") as f:
+            next(f, None)
+            for line in f:
+                fields = line.split(None, 7)
+                if len(fields) == 8 and fields[7].rstrip("\n") == path and int(fields[3], 16) & _SO_ACCEPTCON:
+                    return True
+    except OSError:
+        return False
+    return False

@@ -1,5 +1,6 @@
-"""A whole path on one machine: a real qemu-storage-daemon on an image file,
-the Xen simulator, and the bridge between them, each its own process.
+"""A whole path on one machine: a real vhost-user daemon (qemu-storage-daemon
+on an image file, or virtiofsd on a shared directory), the Xen simulator,
+and the bridge between them, each its own process.
 
 The demo, the end-to-end tests and harnesses use it; the simulated guest
 (xen.sim.guest) then connects to the simulator like a domU would. Everything
@@ -10,10 +11,11 @@ sockets are removed unless the caller owns them.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 
-from bridge.daemons import start_qemu_storage_daemon
+from bridge.daemons import start_qemu_storage_daemon, start_virtiofsd
 from bridge.processes import Child, child_env
 from xen.sim.launch import start_simulator
 
@@ -68,34 +70,31 @@ def start_bridge(argv: Sequence[str], timeout: float = 15.0) -> Child:
     return child
 
 
-class BlkTestbed:
-    """qemu-storage-daemon + simulator + bridge for one virtio-blk device.
+class _Testbed:
+    """What every testbed shares: the simulator with the device as libxl
+    lays it out, the bridge started on the daemon's socket, stopping in
+    reverse path order by PID, and removing what it made. A subclass
+    starts its daemon (:meth:`_start_daemon`) and says which bridge flags
+    and paths are its own."""
 
-    By default the simulator describes the device in xenstore the way libxl
-    does (``xen-sim --virtio blk``; ``virtio="blk,grant_usage=1"`` for a
-    guest that gives grant references) and the bridge finds it there;
-    ``placement="flags"`` gives the bridge --mmio-base and --irq instead and
-    leaves xenstore empty."""
+    device = "blk"
+    """The bridge's --device."""
+    socket_name = "vhost.sock"
 
     def __init__(
         self,
         workdir: str,
         *,
-        image_size: int = 64 << 20,
-        image: str | None = None,
         domid: int = 1,
         vcpus: int = 1,
         ram_mib: int = 256,
         placement: str = "xenstore",
-        virtio: str = "blk",
+        virtio: str | None = None,
         bridge_extra: Sequence[str] = (),
         sim_extra: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
-        self.image = image or os.path.join(workdir, "disk.img")
-        self._own_image = image is None
-        self.image_size = image_size
-        self.daemon_socket = os.path.join(workdir, "vhost-blk.sock")
+        self.daemon_socket = os.path.join(workdir, self.socket_name)
         self.control = os.path.join(workdir, "xen-sim.sock")
         self.domid = domid
         self.vcpus = vcpus
@@ -103,7 +102,7 @@ class BlkTestbed:
         if placement not in ("xenstore", "flags"):
             raise ValueError(f"placement {placement!r} is neither 'xenstore' nor 'flags'")
         self.placement = placement
-        self.virtio = virtio
+        self.virtio = virtio or self.device
         """The device as xl.cfg's virtio= entry gives it (xen-sim --virtio)."""
         self.mmio_base = LIBXL_FIRST_MMIO_BASE
         self.irq = LIBXL_FIRST_SPI
@@ -113,12 +112,31 @@ class BlkTestbed:
         self.sim = None
         self.bridge: Child | None = None
 
-    def start(self) -> "BlkTestbed":
+    # -- what a subclass provides ------------------------------------------
+
+    def _prepare(self) -> None:
+        """Make what the daemon needs (an image, a shared directory)."""
+
+    def _start_daemon(self) -> Child:
+        raise NotImplementedError
+
+    def _device_flags(self) -> list[str]:
+        """Bridge flags of the device type (e.g. --fs-tag)."""
+        return []
+
+    def _stop_daemon(self, daemon: Child, bridge_was_running: bool) -> None:
+        daemon.stop()
+
+    def _own_paths(self) -> list[str]:
+        """Files to remove at stop besides the sockets."""
+        return []
+
+    # -- the common path ---------------------------------------------------
+
+    def start(self):
         try:
-            if self._own_image:
-                with open(self.image, "wb") as f:
-                    f.truncate(self.image_size)
-            self.daemon = start_qemu_storage_daemon(self.image, self.daemon_socket)
+            self._prepare()
+            self.daemon = self._start_daemon()
             sim_args = ["--virtio", self.virtio] if self.placement == "xenstore" else []
             self.sim = start_simulator(
                 self.control,
@@ -139,12 +157,83 @@ class BlkTestbed:
                 domid=self.domid,
                 socket_path=self.daemon_socket,
                 xen_sim=self.control,
+                device=self.device,
                 mmio_base=self.mmio_base if self.placement == "flags" else None,
                 irq=self.irq if self.placement == "flags" else None,
-                extra=self.bridge_extra,
+                extra=[*self._device_flags(), *self.bridge_extra],
             )
         )
         return self.bridge
+
+    def stop(self) -> None:
+        """Stop what was started, in reverse path order; remove what we made."""
+        bridge_was_running = self.bridge is not None
+        for name in ("bridge", "sim"):
+            child = getattr(self, name)
+            if child is not None:
+                child.stop()
+                setattr(self, name, None)
+        if self.daemon is not None:
+            self._stop_daemon(self.daemon, bridge_was_running)
+            self.daemon = None
+        for path in [self.daemon_socket, self.control, *self._own_paths()]:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class BlkTestbed(_Testbed):
+    """qemu-storage-daemon + simulator + bridge for one virtio-blk device.
+
+    By default the simulator describes the device in xenstore the way libxl
+    does (``xen-sim --virtio blk``; ``virtio="blk,grant_usage=1"`` for a
+    guest that gives grant references) and the bridge finds it there;
+    ``placement="flags"`` gives the bridge --mmio-base and --irq instead and
+    leaves xenstore empty."""
+
+    device = "blk"
+    socket_name = "vhost-blk.sock"
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        image_size: int = 64 << 20,
+        image: str | None = None,
+        domid: int = 1,
+        vcpus: int = 1,
+        ram_mib: int = 256,
+        placement: str = "xenstore",
+        virtio: str = "blk",
+        bridge_extra: Sequence[str] = (),
+        sim_extra: Sequence[str] = (),
+    ) -> None:
+        super().__init__(workdir, domid=domid, vcpus=vcpus, ram_mib=ram_mib, placement=placement, virtio=virtio,
+                         bridge_extra=bridge_extra, sim_extra=sim_extra)
+        self.image = image or os.path.join(workdir, "disk.img")
+        self._own_image = image is None
+        self.image_size = image_size
+
+    def _prepare(self) -> None:
+        if self._own_image:
+            with open(self.image, "wb") as f:
+                f.truncate(self.image_size)
+
+    def _start_daemon(self) -> Child:
+        return start_qemu_storage_daemon(self.image, self.daemon_socket)
+
+    def _own_paths(self) -> list[str]:
+        return [self.image] if self._own_image else []
+
+    def start(self) -> "BlkTestbed":
+        return super().start()
 
     def restart_daemon(self) -> Child:
         """Kill the daemon with SIGKILL (a crash) and start a new one on the
@@ -155,24 +244,78 @@ class BlkTestbed:
         self.daemon = start_qemu_storage_daemon(self.image, self.daemon_socket)
         return self.daemon
 
-    def stop(self) -> None:
-        """Stop what was started, in reverse path order; remove what we made."""
-        for name in ("bridge", "sim", "daemon"):
-            child = getattr(self, name)
-            if child is not None:
-                child.stop()
-                setattr(self, name, None)
-        paths = [self.daemon_socket, self.control]
-        if self._own_image:
-            paths.append(self.image)
-        for path in paths:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-
     def __enter__(self) -> "BlkTestbed":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+
+class FsTestbed(_Testbed):
+    """virtiofsd + simulator + bridge for one virtio-fs device.
+
+    virtiofsd shares ``shared_dir`` (by default a new directory "share" in
+    the work directory, removed at stop); the simulator gives the guest the
+    device as ``xen-sim --virtio fs`` and the bridge serves it with
+    ``--device fs --fs-tag TAG``.
+
+    virtiofsd serves one connection and exits when it closes, so
+    :meth:`stop` stops the bridge first and then gives the daemon
+    ``daemon_exit_grace`` seconds to go by itself before stopping it;
+    ``daemon_status`` is its exit status and ``daemon_exited_by_itself``
+    whether it went when the bridge hung up (not an error)."""
+
+    device = "fs"
+    socket_name = "vhost-fs.sock"
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        tag: str = "xvbfs",
+        shared_dir: str | None = None,
+        domid: int = 1,
+        vcpus: int = 1,
+        ram_mib: int = 256,
+        placement: str = "xenstore",
+        virtio: str = "fs",
+        bridge_extra: Sequence[str] = (),
+        sim_extra: Sequence[str] = (),
+        daemon_extra: Sequence[str] = (),
+        daemon_exit_grace: float = 5.0,
+    ) -> None:
+        super().__init__(workdir, domid=domid, vcpus=vcpus, ram_mib=ram_mib, placement=placement, virtio=virtio,
+                         bridge_extra=bridge_extra, sim_extra=sim_extra)
+        self.tag = tag
+        self.shared_dir = shared_dir or os.path.join(workdir, "share")
+        self._own_shared_dir = shared_dir is None
+        self.daemon_extra = tuple(daemon_extra)
+        self.daemon_exit_grace = daemon_exit_grace
+        self.daemon_status: int | None = None
+        self.daemon_exited_by_itself: bool | None = None
+        self.daemon_output = ""
+        """What virtiofsd printed, kept after it was stopped."""
+
+    def _prepare(self) -> None:
+        if self._own_shared_dir:
+            os.makedirs(self.shared_dir, exist_ok=True)
+
+    def _start_daemon(self) -> Child:
+        return start_virtiofsd(self.shared_dir, self.daemon_socket, extra=self.daemon_extra)
+
+    def _device_flags(self) -> list[str]:
+        return ["--fs-tag", self.tag]
+
+    def _stop_daemon(self, daemon: Child, bridge_was_running: bool) -> None:
+        exited = bridge_was_running and daemon.wait_exit(self.daemon_exit_grace)
+        self.daemon_exited_by_itself = exited
+        self.daemon_status = daemon.stop()
+        self.daemon_output = daemon.output()
+
+    def stop(self) -> None:
+        super().stop()
+        if self._own_shared_dir:
+            shutil.rmtree(self.shared_dir, ignore_errors=True)
+
+    def start(self) -> "FsTestbed":
+        return super().start()
+
+    def __enter__(self) -> "FsTestbed":
+        return self.start()
