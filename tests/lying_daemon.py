@@ -66,6 +66,7 @@ from __future__ import annotations
 import array
 import contextlib
 import enum
+import gc
 import os
 import socket
 import stat
@@ -203,6 +204,14 @@ class InflightSet:
 def open_fd_count() -> int:
     """How many fds this process has open right now."""
     return len(os.listdir("/proc/self/fd"))
+
+
+def settled_fd_count() -> int:
+    """The fd count once the garbage of earlier tests is collected: a
+    socket an earlier test dropped must not close half-way through this
+    one and make a leak here look like none (or the count go down)."""
+    gc.collect()
+    return open_fd_count()
 
 
 def _identity(fd: int) -> tuple[int, int] | None:

@@ -26,6 +26,7 @@ from lying_daemon import (
     Reply,
     header,
     open_fd_count,
+    settled_fd_count,
     open_lying_daemon,
     u64,
 )
@@ -118,7 +119,7 @@ class Scene:
 
 @contextlib.asynccontextmanager
 async def scene(workdir, **daemon_kwargs):
-    before = open_fd_count()
+    before = settled_fd_count()
     path = os.path.join(workdir, "daemon.sock")
     async with open_lying_daemon(path, **daemon_kwargs) as daemon:
         async with trio.open_nursery() as nursery:

@@ -33,6 +33,7 @@ from lying_daemon import (
     inflight,
     inflight_queue_size,
     open_fd_count,
+    settled_fd_count,
     open_lying_daemon,
     u64,
 )
@@ -110,7 +111,7 @@ class Scene:
 
 @contextlib.asynccontextmanager
 async def scene(workdir, profile=QSD_INFLIGHT, **daemon_kwargs):
-    before = open_fd_count()
+    before = settled_fd_count()
     path = os.path.join(workdir, "daemon.sock")
     async with open_lying_daemon(path, profile=profile, **daemon_kwargs) as daemon:
         async with trio.open_nursery() as nursery:
