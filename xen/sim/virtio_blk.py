@@ -45,7 +45,6 @@ from xen.sim.guest_virtqueue import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
     Completion,
-    DeviceMisbehaved,
     GuestVirtqueue,
     VirtioDriverError,
 )
@@ -422,24 +421,7 @@ class VirtioBlkDriver:
             status = ram.read(status_gpa, 1)[0]
             data = ram.read(data_gpa + out_len, in_len) if in_len else b""
         finally:
-            self._release_when_returned(completion, allocations)
+            self.transport.free_when_returned(completion, allocations, "virtio-blk")
         if status != VIRTIO_BLK_S_OK:
             raise BlkIoError(status, req_type, sector)
         return data
-
-    def _release_when_returned(self, completion: Completion | None, allocations: list[int]) -> None:
-        allocator = self.transport.allocator
-
-        def release(done: Completion | None) -> None:
-            if done is not None and isinstance(done.error, DeviceMisbehaved):
-                logger.warning("virtio-blk: not freeing %d buffer(s) of a request the device did not return",
-                               len(allocations))
-                return
-            for gpa in allocations:
-                allocator.free(gpa)
-
-        if completion is None or completion.done:
-            release(completion)
-        else:
-            # The caller went away (cancelled) while the device owns the chain.
-            completion.add_done_callback(release)

@@ -74,7 +74,6 @@ from xen.sim.guest_virtqueue import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
     Completion,
-    DeviceMisbehaved,
     GuestVirtqueue,
     VirtioDriverError,
 )
@@ -650,24 +649,8 @@ class VirtioFsDriver:
             used = await completion
             out = b"".join(ram.read(gpa, n) for gpa, n in writable)
         finally:
-            self._release_when_returned(completion, allocations)
+            self.transport.free_when_returned(completion, allocations, "virtio-fs")
         return used, out[:used]
-
-    def _release_when_returned(self, completion: Completion | None, allocations: list[int]) -> None:
-        allocator = self.transport.allocator
-
-        def release(done: Completion | None) -> None:
-            if done is not None and isinstance(done.error, DeviceMisbehaved):
-                logger.warning("virtio-fs: not freeing %d buffer(s) of a request the device did not return",
-                               len(allocations))
-                return
-            for gpa in allocations:
-                allocator.free(gpa)
-
-        if completion is None or completion.done:
-            release(completion)
-        else:
-            completion.add_done_callback(release)
 
     # -- FUSE operations ----------------------------------------------------
 

@@ -87,6 +87,7 @@ from xen.sim.guest_memory import GuestAllocator
 from xen.sim.guest_virtqueue import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
+    Completion,
     DeviceMisbehaved,
     GuestRamLike,
     GuestVirtqueue,
@@ -231,6 +232,25 @@ class VirtioMmioDriver:
         self._irq_registered = False
 
     # -- plumbing -----------------------------------------------------------
+
+    def free_when_returned(self, completion: Completion | None, allocations: list[int], what: str) -> None:
+        """Free a request's buffers once the device has returned its chain:
+        now, or when it does (the caller may have gone away, cancelled,
+        while the device still owns the chain). A chain the device never
+        returned (it misbehaved) keeps its buffers: it may still write."""
+
+        def release(done: Completion | None) -> None:
+            if done is not None and isinstance(done.error, DeviceMisbehaved):
+                logger.warning("%s: not freeing %d buffer(s) of a request the device did not return", what,
+                               len(allocations))
+                return
+            for gpa in allocations:
+                self.allocator.free(gpa)
+
+        if completion is None or completion.done:
+            release(completion)
+        else:
+            completion.add_done_callback(release)
 
     def pick_vcpu(self, vcpu: Any = None) -> Any:
         """The vCPU an access is made from: ``vcpu`` or the default."""
