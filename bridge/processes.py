@@ -20,6 +20,40 @@ from collections.abc import Sequence
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def exit_cleanly_on_sigterm() -> None:
+    """Make SIGTERM unwind a harness the way Ctrl-C does, so the children it
+    started are stopped on the way out: they run in sessions of their own
+    and would outlive a harness that SIGTERM simply ended."""
+    signal.signal(signal.SIGTERM, _exit_for_signal)
+
+
+def _exit_for_signal(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def run_trio(fn, *args):
+    """trio.run for a harness: SIGTERM or Ctrl-C inside it comes out as a
+    plain SystemExit / KeyboardInterrupt (which unwinds the harness's with
+    blocks, stopping its children), not as a group printed as a traceback."""
+    import trio
+
+    try:
+        return trio.run(fn, *args)
+    except BaseExceptionGroup as group:
+        for exc in _leaves(group):
+            if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+                raise exc from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup):
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
 def child_env() -> dict[str, str]:
     """The environment for children running this checkout's modules."""
     env = dict(os.environ)

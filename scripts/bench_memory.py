@@ -20,6 +20,7 @@ import time
 
 import trio
 
+from bridge.processes import exit_cleanly_on_sigterm, run_trio
 from bridge.testbed import BlkTestbed
 from xen.sim.guest import SimGuest
 from xen.sim.guest_memory import GuestAllocator
@@ -73,6 +74,7 @@ async def measure(bed: BlkTestbed, counts: dict[str, int], seed: int) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_cleanly_on_sigterm()
     p = argparse.ArgumentParser(prog="scripts/bench-memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per model (default: 3)")
     p.add_argument("--quick", action="store_true", help="fewer requests and one round: a minute or less")
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in MODES:
             with tempfile.TemporaryDirectory(prefix="xvb-bench-") as work:
                 with BlkTestbed(work, image_size=256 * MiB, bridge_extra=["--memory", mode]) as bed:
-                    results = trio.run(measure, bed, counts, round_)
+                    results = run_trio(measure, bed, counts, round_)
             for name, value in results.items():
                 samples[mode].setdefault(name, []).append(value)
             print(f"bench: round {round_ + 1}/{rounds} {mode} done", file=sys.stderr)

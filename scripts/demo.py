@@ -18,10 +18,9 @@ import random
 import sys
 import tempfile
 
-import trio
 
 from bridge.blk_workload import WorkloadResult, compare_image, run_blk_workload
-from bridge.processes import ChildFailed
+from bridge.processes import ChildFailed, exit_cleanly_on_sigterm, run_trio
 from bridge.testbed import BlkTestbed
 from xen.sim.guest import SimGuest
 from xen.sim.guest_memory import GuestAllocator
@@ -82,6 +81,7 @@ async def guest_program(bed: BlkTestbed, args: argparse.Namespace) -> tuple[dict
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_cleanly_on_sigterm()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="demo: %(name)s: %(message)s")
     image_size = args.image_mib * MiB
     with tempfile.TemporaryDirectory(prefix="xen-vhost-bridge-demo-") as work:
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"-> bridge (pid {bed.bridge.pid}, {args.memory} memory) -> qemu-storage-daemon "
                     f"(pid {bed.daemon.pid}) -> {bed.image}"
                 )
-                info, result, mirror = trio.run(guest_program, bed, args)
+                info, result, mirror = run_trio(guest_program, bed, args)
                 compare_image(bed.image, mirror, result)
         except ChildFailed as exc:
             print(f"demo: FAILED: {exc}", file=sys.stderr)

@@ -20,6 +20,7 @@ import time
 
 import trio
 
+from bridge.processes import exit_cleanly_on_sigterm, run_trio
 from bridge.testbed import BlkTestbed
 from xen.sim.guest import SimGuest
 from xen.sim.guest_memory import GuestAllocator
@@ -29,6 +30,8 @@ from xen.sim.virtio_mmio_driver import VirtioMmioDriver
 
 BLOCK = 4096
 SECTORS = BLOCK // 512
+STALL_LIMIT = 60.0
+"""Seconds a write may take, faults included, before the soak calls it a hang."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -106,7 +109,8 @@ async def soak(bed: BlkTestbed, args: argparse.Namespace) -> dict:
                 ledger.busy.add(block)
                 data = rng.randbytes(BLOCK)
                 try:
-                    await state["blk"].write(block * SECTORS, data)
+                    with trio.fail_after(STALL_LIMIT):
+                        await state["blk"].write(block * SECTORS, data)
                     ledger.completed(block, data)
                 except VirtioDriverError:
                     ledger.cut_short(block, data)  # the reset took it
@@ -153,13 +157,22 @@ async def soak(bed: BlkTestbed, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_cleanly_on_sigterm()
     print(f"soak: {args.minutes:g} min, {args.memory} memory, {args.depth} in flight, seed {args.seed}", flush=True)
     with tempfile.TemporaryDirectory(prefix="xvb-soak-") as work:
         with BlkTestbed(work, image_size=args.blocks * BLOCK, vcpus=2,
                         bridge_extra=["--memory", args.memory]) as bed:
             started = time.monotonic()
-            result = trio.run(soak, bed, args)
+            result = None
+            try:
+                result = run_trio(soak, bed, args)
+            except* trio.TooSlowError:
+                print(f"soak: a write did not complete within {STALL_LIMIT:g} s: something hung; the bridge's log "
+                      f"ends:\n{bed.bridge.output()[-3000:]}")
             alive = bed.bridge.alive()
+    if result is None:
+        print("soak: FAIL")
+        return 1
     (fds0, fds1), (rss0, rss1) = result["fds"], result["rss"]
     lost = result["bad_in_guest"] + result["bad_on_image"]
     print(f"soak: {result['requests']} writes completed over {time.monotonic() - started:.0f} s on "
