@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 from collections.abc import Sequence
 
@@ -46,27 +45,7 @@ def start_qemu_storage_daemon(
     """Start qemu-storage-daemon exporting ``image`` as vhost-user-blk on
     ``socket_path`` and wait until it listens. The caller stops it."""
     argv = qemu_storage_daemon_argv(image, socket_path, writable=writable, num_queues=num_queues)
-    child = Child("qemu-storage-daemon", argv)
-    try:
-        # The socket file appears at bind(), before listen(): wait until it
-        # accepts. The probe is harmless; the daemon serves the next
-        # front-end once a client hangs up.
-        child.wait_for(lambda: _accepts(socket_path), f"listening on {socket_path}", timeout)
-    except BaseException:
-        child.stop()
-        raise
-    return child
-
-
-def _accepts(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
+    return _listening_or_stopped(Child("qemu-storage-daemon", argv), socket_path, timeout)
 
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -137,6 +116,16 @@ def start_virtiofsd(
     if not os.path.isdir(shared_dir):
         raise FileNotFoundError(f"virtiofsd: shared directory {shared_dir} does not exist")
     child = VirtiofsdChild(virtiofsd_argv(shared_dir, socket_path, extra=extra), socket_path)
+    return _listening_or_stopped(child, socket_path, timeout)
+
+
+def _listening_or_stopped(child: Child, socket_path: str, timeout: float) -> Child:
+    """Wait until the daemon listens on ``socket_path``; stop it if it does
+    not. The socket file appears at bind(), before listen(), so the file is
+    no sign; and a probe connection is no good either: virtiofsd serves one
+    connection and exits when it closes, and qemu-storage-daemon would
+    serve the probe instead of a bridge that is redialling it. So the
+    listening state is read from /proc/net/unix."""
     try:
         child.wait_for(lambda: _listening(socket_path), f"listening on {socket_path}", timeout)
     except BaseException:
