@@ -633,6 +633,29 @@ async def open_lying_daemon(path: str, **kwargs: object):
             daemon.stop()
 
 
+@contextlib.asynccontextmanager
+async def leak_checked(path: str, make_scene, **daemon_kwargs: object):
+    """A daemon on ``path`` and a test scene around it
+    (``make_scene(daemon, nursery, path)``, which keeps the front-ends it
+    connects in ``frontends`` and the fds it made in ``fds``); on the way
+    out everything is closed, and no fd may be left: none the daemon sent,
+    and no more open than before."""
+    before = settled_fd_count()
+    async with open_lying_daemon(path, **daemon_kwargs) as daemon:
+        async with trio.open_nursery() as nursery:
+            scene = make_scene(daemon, nursery, path)
+            try:
+                yield scene
+            finally:
+                for fe in scene.frontends:
+                    await fe.aclose()
+                for fd in scene.fds:
+                    os.close(fd)
+    # The daemon, the front-ends and their tasks are all gone now.
+    assert daemon.leaked_fds() == [], "fds the daemon sent are still open"
+    assert open_fd_count() == before, "fds leaked"
+
+
 async def _read_message(sock: trio.socket.SocketType):
     """(request, flags, payload, fds) or None at EOF (also mid-message)."""
     fds: list[int] = []

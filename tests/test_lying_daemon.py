@@ -25,9 +25,7 @@ from lying_daemon import (
     Raw,
     Reply,
     header,
-    open_fd_count,
-    settled_fd_count,
-    open_lying_daemon,
+    leak_checked,
     u64,
 )
 from vhost_user import (
@@ -117,23 +115,8 @@ class Scene:
         return VERSION_1, [region], [ring]
 
 
-@contextlib.asynccontextmanager
-async def scene(workdir, **daemon_kwargs):
-    before = settled_fd_count()
-    path = os.path.join(workdir, "daemon.sock")
-    async with open_lying_daemon(path, **daemon_kwargs) as daemon:
-        async with trio.open_nursery() as nursery:
-            s = Scene(daemon, nursery, path)
-            try:
-                yield s
-            finally:
-                for fe in s.frontends:
-                    await fe.aclose()
-                for fd in s.fds:
-                    os.close(fd)
-    # The daemon, the front-ends and their tasks are all gone now.
-    assert daemon.leaked_fds() == [], "fds the daemon sent are still open"
-    assert open_fd_count() == before, "fds leaked"
+def scene(workdir, **daemon_kwargs):
+    return leak_checked(os.path.join(workdir, "daemon.sock"), Scene, **daemon_kwargs)
 
 
 def check_error(exc, exc_type, pattern, label):

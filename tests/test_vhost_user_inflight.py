@@ -32,9 +32,7 @@ from lying_daemon import (
     Reply,
     inflight,
     inflight_queue_size,
-    open_fd_count,
-    settled_fd_count,
-    open_lying_daemon,
+    leak_checked,
     u64,
 )
 from vhost_user import (
@@ -109,22 +107,8 @@ class Scene:
                          kick_fd=self._keep(os.eventfd(0)), call_fd=self._keep(os.eventfd(0)))
 
 
-@contextlib.asynccontextmanager
-async def scene(workdir, profile=QSD_INFLIGHT, **daemon_kwargs):
-    before = settled_fd_count()
-    path = os.path.join(workdir, "daemon.sock")
-    async with open_lying_daemon(path, profile=profile, **daemon_kwargs) as daemon:
-        async with trio.open_nursery() as nursery:
-            s = Scene(daemon, nursery, path)
-            try:
-                yield s
-            finally:
-                for fe in s.frontends:
-                    await fe.aclose()
-                for fd in s.fds:
-                    os.close(fd)
-    assert daemon.leaked_fds() == [], "fds the daemon sent are still open"
-    assert open_fd_count() == before, "fds leaked"
+def scene(workdir, profile=QSD_INFLIGHT, **daemon_kwargs):
+    return leak_checked(os.path.join(workdir, "daemon.sock"), Scene, profile=profile, **daemon_kwargs)
 
 
 def identity(fd):
