@@ -180,7 +180,7 @@ class VhostUserDevice:
         while True:
             frontend = self.frontend
             await frontend.wait_hangup()
-            why = getattr(frontend, "failure", None)
+            why = frontend.failure
             gone = (f"the connection to the daemon was closed: {why}" if why is not None
                     else "the daemon closed its vhost-user connection (it exited or crashed)")
             if self.reconnect <= 0:
