@@ -32,18 +32,41 @@ def _exit_for_signal(signum, _frame) -> None:
 
 
 def run_trio(fn, *args):
-    """trio.run for a harness: SIGTERM or Ctrl-C inside it comes out as a
-    plain SystemExit / KeyboardInterrupt (which unwinds the harness's with
-    blocks, stopping its children), not as a group printed as a traceback."""
+    """trio.run for a harness, stopped cleanly by SIGTERM: inside trio the
+    signal cancels ``fn`` (trio's own signal receiver; raising from a
+    handler in the middle of trio's machinery corrupts it), then SystemExit
+    unwinds the harness's with blocks, which stop its children. Ctrl-C
+    stays trio's KeyboardInterrupt; neither comes out as a group printed as
+    a traceback."""
     import trio
 
+    stopped: list[int] = []
+
+    async def until_signalled():
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    async for signum in signals:
+                        stopped.append(signum)
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(watch)
+                result = await fn(*args)
+                nursery.cancel_scope.cancel()
+                return result
+
     try:
-        return trio.run(fn, *args)
+        result = trio.run(until_signalled)
     except BaseExceptionGroup as group:
         for exc in _leaves(group):
             if isinstance(exc, (SystemExit, KeyboardInterrupt)):
                 raise exc from None
         raise
+    if stopped:
+        raise SystemExit(128 + stopped[0])
+    return result
 
 
 def _leaves(group: BaseExceptionGroup):
