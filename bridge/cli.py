@@ -19,10 +19,17 @@ from bridge.app import BridgeConfig, DeviceConfig, run_bridge
 from bridge.guest_pages import DEFAULT_MAX_BYTES
 from bridge.device import DeviceSetupError
 from bridge.discovery import DiscoveryError
-from bridge.device_types import DEVICE_TYPES, VIRTIO_FS_TAG_SIZE, DeviceOptions
+from bridge.device_types import (
+    DEVICE_TYPES,
+    MAX_VIRTIO_ID,
+    VIRTIO_FS_TAG_SIZE,
+    DeviceOptions,
+    DeviceType,
+    generic_device_type,
+)
 from bridge.memory import MODES
 from bridge.split_ring import is_valid_queue_size
-from vhost_user.protocol import VhostUserError
+from vhost_user.protocol import MAX_CONFIG_SIZE, VhostUserError
 from xen.hypervisor import HypervisorError
 from xen.xenstore import XenStoreError
 
@@ -77,18 +84,26 @@ class DeviceSpec:
     """One --device as given: the type, and with several devices its socket
     and options."""
 
-    type: str
+    type: str | None
+    """None: not given (blk, or generic with --device-id)."""
     socket: str | None = None
     options: dict = attrs.field(factory=dict)
 
 
-_SPEC_OPTIONS = ("mmio-base", "irq", "devid", "fs-tag")
+_SPEC_OPTIONS = ("mmio-base", "irq", "devid", "fs-tag", "device-id", "queues", "config-size")
+GENERIC = "generic"
+"""The device type of a daemon the bridge has no name for (--device-id)."""
+_GENERIC_OPTIONS = ("device-id", "queues", "config-size")
+
+
+def _type_names() -> str:
+    return ", ".join([*sorted(DEVICE_TYPES), GENERIC])
 
 
 def _device_spec(text: str) -> DeviceSpec:
     kind, sep, rest = text.partition(":")
-    if kind not in DEVICE_TYPES:
-        raise argparse.ArgumentTypeError(f"device type {kind!r} is not one of {', '.join(sorted(DEVICE_TYPES))}")
+    if kind not in DEVICE_TYPES and kind != GENERIC:
+        raise argparse.ArgumentTypeError(f"device type {kind!r} is not one of {_type_names()}")
     if not sep:
         return DeviceSpec(kind)
     socket_path, *pairs = rest.split(",")
@@ -101,14 +116,41 @@ def _device_spec(text: str) -> DeviceSpec:
             raise argparse.ArgumentTypeError(
                 f"--device {text}: {pair!r} is not one of {', '.join(f'{k}=...' for k in _SPEC_OPTIONS)}"
             )
-        parse = {"mmio-base": _mmio_base, "irq": _irq, "devid": _devid, "fs-tag": _fs_tag}[key]
+        parse = {"mmio-base": _mmio_base, "irq": _irq, "devid": _devid, "fs-tag": _fs_tag,
+                 "device-id": _virtio_id, "queues": _queues, "config-size": _config_size}[key]
         options[key] = parse(value)
+    generic = [key for key in _GENERIC_OPTIONS if key in options]
+    if kind != GENERIC and generic:
+        raise argparse.ArgumentTypeError(f"--device {text}: {', '.join(f'{k}=' for k in generic)}: only for --device {GENERIC}")
+    if kind == GENERIC and "device-id" not in options:
+        raise argparse.ArgumentTypeError(f"--device {text}: a generic device needs device-id=N (its virtio device id)")
     return DeviceSpec(kind, socket_path, options)
+
+
+def _device_type(kind: str, device_id: int | None, queues: int | None, config_size: int | None) -> DeviceType:
+    if kind == GENERIC:
+        assert device_id is not None
+        return generic_device_type(device_id, queues=queues, config_size=config_size)
+    return DEVICE_TYPES[kind]
+
+
+def _single_device_type(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: str | None) -> DeviceType:
+    """The type of the one device the flags describe: --device TYPE, or a
+    generic device when --device-id is given."""
+    generic_flags = [flag for flag, value in (("--device-id", args.device_id), ("--queues", args.queues),
+                                              ("--config-size", args.config_size)) if value is not None]
+    if kind is None:
+        kind = GENERIC if args.device_id is not None else "blk"
+    if kind != GENERIC and generic_flags:
+        parser.error(f"{', '.join(generic_flags)}: only for a generic device (--device-id N without --device {kind})")
+    if kind == GENERIC and args.device_id is None:
+        parser.error("--device generic needs --device-id N (the virtio device id the guest sees)")
+    return _device_type(kind, args.device_id, args.queues, args.config_size)
 
 
 def device_configs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[DeviceConfig, ...]:
     """The devices the command line asks for (parser.error on a mix-up)."""
-    specs = args.device or [DeviceSpec("blk")]
+    specs = args.device or [DeviceSpec(None)]
     inline = [spec for spec in specs if spec.socket is not None]
     if not inline:
         if len(specs) > 1:
@@ -116,7 +158,7 @@ def device_configs(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         if args.socket is None:
             parser.error("the following arguments are required: --socket (or --device TYPE:SOCKET)")
         return (DeviceConfig(
-            device_type=DEVICE_TYPES[specs[0].type],
+            device_type=_single_device_type(args, parser, specs[0].type),
             socket_path=args.socket,
             mmio_base=args.mmio_base,
             irq=args.irq,
@@ -125,14 +167,17 @@ def device_configs(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         ),)
     if len(inline) != len(specs) or args.socket is not None:
         parser.error("give every device its socket as --device TYPE:SOCKET, or one device with --socket, not both")
-    single = [flag for flag, value in (("--mmio-base", args.mmio_base), ("--irq", args.irq), ("--devid", args.devid))
+    single = [flag for flag, value in (("--mmio-base", args.mmio_base), ("--irq", args.irq), ("--devid", args.devid),
+                                       ("--device-id", args.device_id), ("--queues", args.queues),
+                                       ("--config-size", args.config_size))
               if value is not None]
     if single:
         parser.error(f"{', '.join(single)} set one device; with --device TYPE:SOCKET use its options "
-                     "(mmio-base=, irq=, devid=)")
+                     "(mmio-base=, irq=, devid=, device-id=, queues=, config-size=)")
     return tuple(
         DeviceConfig(
-            device_type=DEVICE_TYPES[spec.type],
+            device_type=_device_type(spec.type, spec.options.get("device-id"), spec.options.get("queues"),
+                                     spec.options.get("config-size")),
             socket_path=spec.socket,
             mmio_base=spec.options.get("mmio-base"),
             irq=spec.options.get("irq"),
@@ -147,6 +192,27 @@ def _devid(text: str) -> int:
     value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"device number {value} is negative")
+    return value
+
+
+def _virtio_id(text: str) -> int:
+    value = _int(text)
+    if not 1 <= value <= MAX_VIRTIO_ID:
+        raise argparse.ArgumentTypeError(f"virtio device id {value} is not in 1..{MAX_VIRTIO_ID}")
+    return value
+
+
+def _queues(text: str) -> int:
+    value = _int(text)
+    if not 1 <= value <= 0x8000:
+        raise argparse.ArgumentTypeError(f"{value} queues is not in 1..32768")
+    return value
+
+
+def _config_size(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= MAX_CONFIG_SIZE:
+        raise argparse.ArgumentTypeError(f"a config space of {value} bytes is not in 0..{MAX_CONFIG_SIZE}")
     return value
 
 
@@ -213,10 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=_device_spec,
         metavar="TYPE[:SOCKET[,OPTION=VALUE...]]",
         help=(
-            f"a virtio device and its daemon; TYPE is {' or '.join(sorted(DEVICE_TYPES))}. One device: "
-            "--device TYPE with --socket (default: blk). Several: repeat --device TYPE:SOCKET, each with its "
-            "own options mmio-base=ADDR, irq=N, devid=N, fs-tag=TAG (the flags of those names are for one "
-            "device only)"
+            f"a virtio device and its daemon; TYPE is {_type_names()}. One device: "
+            "--device TYPE with --socket (default: blk, or generic with --device-id). Several: repeat "
+            "--device TYPE:SOCKET, each with its own options mmio-base=ADDR, irq=N, devid=N, fs-tag=TAG, "
+            "device-id=N, queues=N, config-size=N (the flags of those names are for one device only)"
         ),
     )
     parser.add_argument(
@@ -239,6 +305,31 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "virtio-fs: the tag the guest mounts (mount -t virtiofs TAG DIR); virtiofsd has no config space, "
             f"so the bridge supplies it (default: {DeviceOptions().fs_tag})"
+        ),
+    )
+    parser.add_argument(
+        "--device-id",
+        type=_virtio_id,
+        metavar="N",
+        help=(
+            "serve a device the bridge has no name for (a generic device): the virtio device id the guest sees "
+            "(e.g. 4 rng, 19 vsock, 25 sound, 34 i2c, 41 gpio); features, queues and config space come from the "
+            "daemon"
+        ),
+    )
+    parser.add_argument(
+        "--queues",
+        type=_queues,
+        metavar="N",
+        help="generic device: its queue count when the daemon does not offer MQ, and at most this many otherwise",
+    )
+    parser.add_argument(
+        "--config-size",
+        type=_config_size,
+        metavar="N",
+        help=(
+            "generic device: bytes of config space to read with GET_CONFIG (default: the longest read the "
+            "daemon answers)"
         ),
     )
     parser.add_argument(

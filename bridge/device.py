@@ -152,7 +152,7 @@ class VhostUserDevice:
                     self.type.name,
                     self.socket_path,
                     self.model.device_features,
-                    self.frontend.num_queues,
+                    len(self.model.queues),
                 )
                 nursery.start_soon(self._watch_daemon)
                 task_status.started()
@@ -164,15 +164,23 @@ class VhostUserDevice:
                     await self.frontend.aclose()
 
     async def _dial(self, inflight: InflightRegion | None = None) -> VhostUserFrontend:
-        return await VhostUserFrontend.connect(
+        frontend = await VhostUserFrontend.connect(
             self.socket_path,
             nursery=self._nursery,
             handler=self,
             default_num_queues=self.type.default_num_queues,
-            config_size=self.type.config_size,
+            config_size=self.type.config_size or 0,
             timeout=self.timeout,
             inflight=inflight,
         )
+        if self.type.config_size is None:
+            try:
+                frontend.config = await frontend.probe_config()
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await frontend.aclose()
+                raise
+        return frontend
 
     async def _watch_daemon(self) -> None:
         """When the daemon's connection closes: redial it and carry on where
@@ -304,7 +312,7 @@ class VhostUserDevice:
             device_id=self.type.virtio_id,
             vendor_id=VENDOR_ID,
             device_features=features,
-            queue_num_max=[self.queue_size] * frontend.num_queues,
+            queue_num_max=[self.queue_size] * min(frontend.num_queues, self.type.max_queues or frontend.num_queues),
             config=self._config_of(frontend),
             config_writable=bool(frontend.protocol_features & ProtocolFeature.CONFIG),
         )
@@ -725,10 +733,11 @@ class VhostUserDevice:
     # --- the daemon's requests (BackendHandler) -------------------------
 
     async def config_changed(self) -> None:
-        if not self.type.config_size:
+        size = len(self.frontend.config) if self.type.config_size is None else self.type.config_size
+        if not size:
             return
         try:
-            config = await self.frontend.get_config(self.type.config_size)
+            config = await self.frontend.get_config(size)
         except VhostUserError as exc:
             self._fail(f"re-reading config after CONFIG_CHANGE_MSG: {exc}")
             return

@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import attrs
 
+from vhost_user.protocol import MAX_CONFIG_SIZE
+
 
 @attrs.frozen
 class DeviceOptions:
@@ -42,10 +44,14 @@ def virtio_fs_config(options: DeviceOptions, num_queues: int) -> bytes:
 class DeviceType:
     name: str
     virtio_id: int
-    config_size: int
-    """Bytes of config space to read with GET_CONFIG (0: the daemon has none)."""
+    config_size: int | None
+    """Bytes of config space to read with GET_CONFIG (0: the daemon has
+    none; None: as many as the daemon answers, found by asking)."""
     default_num_queues: int
     """Queues when the daemon does not negotiate MQ."""
+    max_queues: int | None = None
+    """The most queues the guest sees, whatever GET_QUEUE_NUM says (None:
+    all the daemon offers)."""
     writable_config: tuple[tuple[int, int], ...] = ()
     """(offset, length) of the config fields a driver may write; the
     bridge refuses other config writes instead of passing them on
@@ -69,10 +75,41 @@ DEVICE_TYPES: dict[str, DeviceType] = {
     # front-end supplies the tag, as QEMU's vhost-user-fs-pci does. Queue 0
     # is hiprio, the rest carry requests.
     "fs": DeviceType("fs", virtio_id=26, config_size=0, default_num_queues=2, supplied_config=virtio_fs_config),
+    # Any other device: see generic_device_type.
     # gpu and net join when the bridge serves them end to end (gpu's
     # display channel, net's queue pairs); until then the CLI does not
     # offer them.
 }
+
+MAX_VIRTIO_ID = 0xFFFF  # virtio-mmio DeviceID is 32 bits; ids are assigned below 64
+
+
+def generic_device_type(virtio_id: int, *, queues: int | None = None, config_size: int | None = None) -> DeviceType:
+    """A device the bridge has no name for (``--device-id N``): everything
+    comes from the daemon, as with QEMU's vhost-user-device.
+
+    The queue count is GET_QUEUE_NUM's (``queues`` when the daemon does not
+    offer MQ, and at most ``queues`` when given); the config space is as
+    long as the daemon answers GET_CONFIG (``config_size`` to say it). The
+    guest may not write the config space: the bridge cannot know which
+    fields a driver may write, and libvhost-user daemons abort on a
+    SET_CONFIG they do not expect; QEMU's generic device passes no config
+    writes either."""
+    if not 1 <= virtio_id <= MAX_VIRTIO_ID:
+        raise ValueError(f"virtio device id {virtio_id} is not in 1..{MAX_VIRTIO_ID}")
+    if queues is not None and not 1 <= queues <= 0x8000:
+        raise ValueError(f"{queues} queues is not in 1..32768")
+    if config_size is not None and not 0 <= config_size <= MAX_CONFIG_SIZE:
+        raise ValueError(f"a config space of {config_size} bytes is not in 0..{MAX_CONFIG_SIZE}")
+    known = {t.virtio_id: t.name for t in DEVICE_TYPES.values()}.get(virtio_id)
+    return DeviceType(
+        f"generic-{virtio_id}" + (f" ({known})" if known else ""),
+        virtio_id=virtio_id,
+        config_size=config_size,
+        default_num_queues=queues or 1,
+        max_queues=queues,
+    )
+
 
 # Transport feature bits (virtio 1.2 section 6) the bridge lets through from
 # the daemon to the guest. Device-specific bits 0-23 always pass; of the

@@ -918,3 +918,37 @@ async def test_backend_channel_close_stops_the_reader(nursery):
     with trio.fail_after(2):
         await done.wait()
     b.close()
+
+
+# -- a device the front-end knows nothing about: its config size is asked
+
+
+@pytest.mark.parametrize("size", [1, 37, 60, 255, 256])
+async def test_probe_config_finds_the_config_size_by_asking(nursery, size):
+    config = bytes((7 * i + 3) & 0xFF for i in range(size))
+    fe, daemon = await open_pair(nursery, dict(QSD, config=config))
+    start = len(daemon.seen)
+    assert await fe.probe_config() == config
+    asked = [DeviceConfig.unpack(p).size for p in daemon.payloads("GET_CONFIG")]
+    assert len(daemon.seen) - start == len(asked) <= 9  # a binary search, not a scan
+    assert asked[0] == 256 and size in asked
+    assert not daemon.violations
+    assert fe.failure is None  # refused reads are answers, not lies
+
+
+async def test_probe_config_of_a_daemon_with_no_config_space(nursery):
+    fe, daemon = await open_pair(nursery, dict(QSD, config=b""))
+    assert await fe.probe_config() == b""
+    assert fe.failure is None and not daemon.violations
+    # without CONFIG negotiated nothing is asked at all
+    fe, daemon = await open_pair(nursery, VIRTIOFSD)
+    assert await fe.probe_config() == b""
+    assert daemon.payloads("GET_CONFIG") == [] and not daemon.violations
+
+
+async def test_probe_config_stops_at_a_lie(nursery):
+    lie = {"GET_CONFIG": lambda p: (24, 0x5, DeviceConfig(0, 4, 0, b"abcd").pack())}
+    fe, daemon = await open_pair(nursery, QSD, lies=lie)
+    with pytest.raises(VhostUserError, match="got 4"):
+        await fe.probe_config()
+    assert fe.failure is not None

@@ -659,6 +659,31 @@ class VhostUserFrontend:
                             f"got {got.size} at offset {got.offset}")
         return got.data
 
+    async def probe_config(self) -> bytes:
+        """The whole config space of a device the front-end knows nothing
+        about: the longest GET_CONFIG from offset 0 the daemon answers.
+
+        A daemon answers any size up to its config struct and refuses
+        longer reads with an empty reply (libvhost-user's get_config
+        callbacks do exactly that), so a binary search over 1..256 finds
+        the size in at most nine reads. b"" when even one byte is refused
+        or CONFIG was not negotiated."""
+        if not self.protocol_features & PF.CONFIG:
+            return b""
+        best, good, bad = b"", 0, MAX_CONFIG_SIZE + 1
+        size = MAX_CONFIG_SIZE
+        while good + 1 < bad:
+            try:
+                data = await self.get_config(size)
+            except ProtocolError:
+                self._check_open()
+                bad = size
+            else:
+                best, good = data, size
+            size = (good + bad) // 2
+        logger.info("%s: the daemon's config space is %d bytes", self.label, len(best))
+        return best
+
     async def set_config(self, offset: int, data: bytes) -> None:
         """Write ``data`` at ``offset`` of the config space (flags 0: a
         driver write, not migration)."""
