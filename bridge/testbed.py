@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 
-from bridge.daemons import start_qemu_storage_daemon, start_virtiofsd
+from bridge.daemons import start_qemu_storage_daemon, start_vhost_user_gpu, start_virtiofsd
 from bridge.processes import Child, child_env
 from xen.sim.launch import start_simulator
 
@@ -318,4 +319,157 @@ class FsTestbed(_Testbed):
         return super().start()
 
     def __enter__(self) -> "FsTestbed":
+        return self.start()
+
+
+class MultiTestbed:
+    """Several devices of one guest through one bridge process: each
+    testbed given (not started) brings its daemon and device flags; the
+    simulator lays the devices out as libxl does (one ``--virtio`` each, in
+    order, so device i is at LIBXL_FIRST_MMIO_BASE + 0x200 * i with SPI
+    LIBXL_FIRST_SPI + i, written back into each testbed's ``mmio_base`` and
+    ``irq``), and one bridge serves them all with ``--device TYPE:SOCKET``.
+    Stopped in reverse path order: the bridge, the simulator, then each
+    testbed's daemon and files."""
+
+    def __init__(
+        self,
+        workdir: str,
+        beds: Sequence[_Testbed],
+        *,
+        domid: int = 1,
+        vcpus: int = 2,
+        ram_mib: int = 512,
+        bridge_extra: Sequence[str] = (),
+    ) -> None:
+        if len({bed.daemon_socket for bed in beds}) != len(beds):
+            raise ValueError("every device needs a daemon socket of its own (one testbed per device type)")
+        self.workdir = workdir
+        self.beds = list(beds)
+        self.control = os.path.join(workdir, "xen-sim.sock")
+        self.domid = domid
+        self.vcpus = vcpus
+        self.ram_mib = ram_mib
+        self.bridge_extra = tuple(bridge_extra)
+        self.sim = None
+        self.bridge: Child | None = None
+        for i, bed in enumerate(self.beds):
+            bed.domid = domid
+            bed.control = self.control
+            bed.mmio_base = LIBXL_FIRST_MMIO_BASE + 0x200 * i
+            bed.irq = LIBXL_FIRST_SPI + i
+
+    def start(self) -> "MultiTestbed":
+        try:
+            for bed in self.beds:
+                bed._prepare()
+                bed.daemon = bed._start_daemon()
+            virtio = [arg for bed in self.beds for arg in ("--virtio", bed.virtio)]
+            self.sim = start_simulator(self.control, domid=self.domid, vcpus=self.vcpus, ram_mib=self.ram_mib,
+                                       extra_args=virtio)
+            devices = [arg for bed in self.beds for arg in ("--device", f"{bed.device}:{bed.daemon_socket}")]
+            flags = [flag for bed in self.beds for flag in (*bed._device_flags(), *bed.bridge_extra)]
+            self.bridge = start_bridge([sys.executable, "-m", "bridge.cli", "--domid", str(self.domid),
+                                        "--xen-sim", self.control, *devices, "-v", *flags, *self.bridge_extra])
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for name in ("bridge", "sim"):
+            child = getattr(self, name)
+            if child is not None:
+                child.stop()
+                setattr(self, name, None)
+        for bed in reversed(self.beds):
+            bed.stop()
+
+    def __enter__(self) -> "MultiTestbed":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class GpuTestbed(_Testbed):
+    """vhost-user-gpu (2D) + simulator + bridge for one virtio-gpu device.
+
+    The bridge writes PNGs to ``output_dir`` (by default a new directory
+    "frames" in the work directory, removed at stop): one per presented
+    frame with ``every_flush``, and on :meth:`request_snapshot` (SIGUSR1).
+    Like virtiofsd, vhost-user-gpu serves one connection and exits when it
+    closes: :meth:`stop` gives it ``daemon_exit_grace`` seconds to go by
+    itself after the bridge, and records whether it did."""
+
+    device = "gpu"
+    socket_name = "vhost-gpu.sock"
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        resolution: tuple[int, int] = (1024, 768),
+        every_flush: bool = True,
+        cursor: bool = False,
+        output_dir: str | None = None,
+        domid: int = 1,
+        vcpus: int = 1,
+        ram_mib: int = 256,
+        placement: str = "xenstore",
+        virtio: str = "gpu",
+        bridge_extra: Sequence[str] = (),
+        sim_extra: Sequence[str] = (),
+        daemon_exit_grace: float = 5.0,
+    ) -> None:
+        super().__init__(workdir, domid=domid, vcpus=vcpus, ram_mib=ram_mib, placement=placement, virtio=virtio,
+                         bridge_extra=bridge_extra, sim_extra=sim_extra)
+        self.resolution = resolution
+        self.every_flush = every_flush
+        self.cursor = cursor
+        self.output_dir = output_dir or os.path.join(workdir, "frames")
+        self._own_output_dir = output_dir is None
+        self.daemon_exit_grace = daemon_exit_grace
+        self.daemon_status: int | None = None
+        self.daemon_exited_by_itself: bool | None = None
+        self.daemon_output = ""
+
+    def _prepare(self) -> None:
+        os.makedirs(self.output_dir, exist_ok=True)
+
+    def _start_daemon(self) -> Child:
+        return start_vhost_user_gpu(self.daemon_socket)
+
+    def _device_flags(self) -> list[str]:
+        flags = ["--gpu-output", self.output_dir, "--gpu-resolution", "%dx%d" % self.resolution]
+        if self.every_flush:
+            flags.append("--gpu-png-every-flush")
+        if self.cursor:
+            flags.append("--gpu-cursor")
+        return flags
+
+    def _stop_daemon(self, daemon: Child, bridge_was_running: bool) -> None:
+        exited = bridge_was_running and daemon.wait_exit(self.daemon_exit_grace)
+        self.daemon_exited_by_itself = exited
+        self.daemon_status = daemon.stop()
+        self.daemon_output = daemon.output()
+
+    def pngs(self) -> list[str]:
+        """The PNGs written so far, oldest first."""
+        names = sorted(n for n in os.listdir(self.output_dir) if n.endswith(".png"))
+        return [os.path.join(self.output_dir, n) for n in names]
+
+    def request_snapshot(self) -> None:
+        """Ask the bridge for a PNG of every scanout now (SIGUSR1)."""
+        os.kill(self.bridge.pid, signal.SIGUSR1)
+
+    def stop(self) -> None:
+        super().stop()
+        if self._own_output_dir:
+            shutil.rmtree(self.output_dir, ignore_errors=True)
+
+    def start(self) -> "GpuTestbed":
+        return super().start()
+
+    def __enter__(self) -> "GpuTestbed":
         return self.start()

@@ -1,121 +1,38 @@
-"""The demo: a simulated Xen guest does block I/O through the bridge to a
-real qemu-storage-daemon, and every byte is checked. Run it with
-``scripts/demo`` (which installs what is missing first).
+"""``scripts/demo [DEVICE] [OPTIONS]``: a simulated Xen guest drives a real,
+unmodified vhost-user daemon through xen-vhost-bridge, and the demo checks
+the result on the host side.
 
-    simulated vCPUs -> ioreq page + event channels (xen-sim)
-      -> xen-vhost-bridge -> vhost-user -> qemu-storage-daemon -> disk image
-      -> call eventfd -> bridge -> set_irq_level -> the guest's interrupt
+DEVICE is one of:
 
-Exit status 0 only if the guest read back exactly what it wrote and the
-image file holds exactly that too.
+  blk   qemu-storage-daemon: block I/O, every byte checked on the image (the default)
+  fs    virtiofsd: the guest reads, writes and lists files of a host directory
+  gpu   vhost-user-gpu: the guest draws a picture; the bridge saves it as a PNG
+  net   dpdk-testpmd: the guest's frames come back, intact and in order
+  all   all four side by side through one bridge process, one line each
+
+``scripts/demo DEVICE --help`` lists that demo's options.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import random
+import importlib
 import sys
-import tempfile
 
-
-from bridge.blk_workload import WorkloadResult, compare_image, run_blk_workload
-from bridge.processes import ChildFailed, exit_cleanly_on_sigterm, run_trio
-from bridge.testbed import BlkTestbed
-from xen.sim.guest import SimGuest
-from xen.sim.guest_memory import GuestAllocator
-from xen.sim.virtio_blk import VirtioBlkDriver
-from xen.sim.virtio_mmio_driver import VirtioMmioDriver
-
-MiB = 1 << 20
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=int, default=400, help="writes to make (as many reads follow) (default: 400)")
-    p.add_argument("--min-size", type=int, default=4096, help="smallest write in bytes, a multiple of 512 (default: 4096)")
-    p.add_argument("--max-size", type=int, default=MiB, help="largest write in bytes, a multiple of 512 (default: 1 MiB)")
-    p.add_argument("--depth", type=int, default=32, help="requests in flight at once (default: 32)")
-    p.add_argument("--image-mib", type=int, default=64, help="size of the temporary disk image (default: 64)")
-    p.add_argument("--vcpus", type=int, default=2, help="guest vCPUs issuing requests (default: 2)")
-    p.add_argument(
-        "--memory",
-        choices=("passthrough", "shadow"),
-        default="passthrough",
-        help="the bridge's memory model: the daemon maps guest RAM, or only an arena of in-flight buffers "
-        "(default: passthrough)",
-    )
-    p.add_argument("--arena-mib", type=int, default=64, help="shadow arena size in MiB (default: 64)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: a new one, printed)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what the guest's drivers do")
-    args = p.parse_args(argv)
-    if args.seed is None:
-        args.seed = random.randrange(1 << 32)
-    return args
-
-
-async def guest_program(bed: BlkTestbed, args: argparse.Namespace) -> tuple[dict, WorkloadResult, bytearray]:
-    async with SimGuest.open(bed.control) as guest:
-        allocator = GuestAllocator(guest.ram.base, guest.ram.size)
-        transport = VirtioMmioDriver(None, guest.ram, allocator, bed.mmio_base, bed.irq, guest)
-        blk = await VirtioBlkDriver.open(transport, queue_size=max(args.depth, 32))
-        info = {
-            "capacity": blk.capacity,
-            "features": transport.features,
-            "id": (await blk.get_id()).decode(errors="replace"),
-            "vcpus": len(guest.vcpus),
-        }
-        result, mirror = await run_blk_workload(
-            blk,
-            requests=args.requests,
-            min_size=args.min_size,
-            max_size=args.max_size,
-            depth=args.depth,
-            seed=args.seed,
-            vcpus=guest.vcpus,
-        )
-        info["interrupts"] = transport.interrupts_handled
-        await transport.reset()
-        return info, result, mirror
+DEMOS = {"blk": "demo_blk", "fs": "demo_fs", "gpu": "demo_gpu", "net": "demo_net", "all": "demo_all"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    exit_cleanly_on_sigterm()
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="demo: %(name)s: %(message)s")
-    image_size = args.image_mib * MiB
-    with tempfile.TemporaryDirectory(prefix="xen-vhost-bridge-demo-") as work:
-        print(f"demo: seed {args.seed}; starting qemu-storage-daemon on a {args.image_mib} MiB image, xen-sim, xen-vhost-bridge")
-        try:
-            bridge_flags = ["--memory", args.memory, "--arena-mib", str(args.arena_mib)]
-            with BlkTestbed(work, image_size=image_size, vcpus=args.vcpus, bridge_extra=bridge_flags) as bed:
-                print(
-                    f"demo: domU {bed.domid} ({bed.vcpus} vCPUs) -> virtio-mmio {bed.mmio_base:#x} irq {bed.irq} "
-                    f"-> bridge (pid {bed.bridge.pid}, {args.memory} memory) -> qemu-storage-daemon "
-                    f"(pid {bed.daemon.pid}) -> {bed.image}"
-                )
-                info, result, mirror = run_trio(guest_program, bed, args)
-                compare_image(bed.image, mirror, result)
-        except ChildFailed as exc:
-            print(f"demo: FAILED: {exc}", file=sys.stderr)
-            return 1
-
-    capacity_ok = info["capacity"] * 512 == image_size
-    print(f"demo: device id {info['id']!r}, capacity {info['capacity']} sectors "
-          f"({'matches' if capacity_ok else 'DOES NOT MATCH'} the image), features {info['features']:#x}")
-    writes = args.requests
-    print(
-        f"demo: {result.requests} requests ({writes} writes, 1 flush, {result.requests - writes - 1} reads), "
-        f"{result.bytes_written / MiB:.1f} MiB written, {result.bytes_read / MiB:.1f} MiB read, "
-        f"up to {args.depth} in flight on {info['vcpus']} vCPUs"
-    )
-    print(f"demo: {result.iops:.0f} IOPS ({result.io_seconds:.2f} s of I/O), {info['interrupts']} guest interrupts")
-    print(f"demo: {result.mismatch_count} mismatches (guest read-back and the image file, byte for byte)")
-    for line in result.mismatches:
-        print(f"demo:   {line}")
-    ok = capacity_ok and result.mismatch_count == 0
-    print("demo: PASS" if ok else "demo: FAIL")
-    return 0 if ok else 1
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.replace("``", "").strip())
+        return 0
+    name = "blk"
+    if argv and not argv[0].startswith("-"):
+        name = argv.pop(0)
+        if name not in DEMOS:
+            print(f"scripts/demo: no demo {name!r}; choose one of {', '.join(DEMOS)}", file=sys.stderr)
+            return 2
+    return importlib.import_module(DEMOS[name]).main(argv)
 
 
 if __name__ == "__main__":

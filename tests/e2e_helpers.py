@@ -7,7 +7,6 @@ import trio
 from bridge.blk_workload import SECTOR
 from bridge.testbed import BlkTestbed
 from xen.sim.guest import SimGuest
-from xen.sim.guest_dma import IDENTITY_DMA, dma_for_device
 from xen.sim.guest_memory import GuestAllocator
 from xen.sim.virtio_blk import VirtioBlkDriver
 from xen.sim.virtio_mmio_driver import VirtioMmioDriver
@@ -17,11 +16,7 @@ async def open_blk(guest: SimGuest, bed: BlkTestbed, **kwargs) -> tuple[VirtioMm
     """Probe the testbed's device the way Linux would: with grants when the
     guest's device tree says grant_usage (xen-grant-dma), else by address."""
     allocator = GuestAllocator(guest.ram.base, guest.ram.size)
-    dma = IDENTITY_DMA
-    for device in await guest.devices():
-        if device.base == bed.mmio_base:
-            dma = dma_for_device(guest, device)
-    transport = VirtioMmioDriver(None, guest.ram, allocator, bed.mmio_base, bed.irq, guest, dma=dma)
+    transport = await VirtioMmioDriver.for_device(guest, allocator, bed.mmio_base, bed.irq)
     return transport, await VirtioBlkDriver.open(transport, **kwargs)
 
 

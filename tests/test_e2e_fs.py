@@ -16,7 +16,6 @@ import trio
 
 from bridge.testbed import FsTestbed
 from xen.sim.guest import SimGuest
-from xen.sim.guest_dma import IDENTITY_DMA, dma_for_device
 from xen.sim.guest_memory import GuestAllocator
 from xen.sim.virtio_fs import VIRTIO_ID_FS, FuseError, VirtioFsDriver
 from xen.sim.virtio_mmio_driver import VirtioMmioDriver
@@ -60,11 +59,7 @@ async def open_fs(guest: SimGuest, bed: FsTestbed, **kwargs) -> tuple[VirtioMmio
     """Probe the testbed's device as Linux would (grants if the device tree
     says grant_usage), set up its queues and start the FUSE session."""
     allocator = GuestAllocator(guest.ram.base, guest.ram.size)
-    dma = IDENTITY_DMA
-    for device in await guest.devices():
-        if device.base == bed.mmio_base:
-            dma = dma_for_device(guest, device)
-    transport = VirtioMmioDriver(None, guest.ram, allocator, bed.mmio_base, bed.irq, guest, dma=dma)
+    transport = await VirtioMmioDriver.for_device(guest, allocator, bed.mmio_base, bed.irq)
     return transport, await VirtioFsDriver.open(transport, **kwargs)
 
 

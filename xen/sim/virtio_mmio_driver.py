@@ -82,7 +82,7 @@ from bridge.virtio_mmio import INT_CONFIG as VIRTIO_MMIO_INT_CONFIG
 from bridge.virtio_mmio import INT_VRING as VIRTIO_MMIO_INT_VRING
 from bridge.virtio_mmio import MAGIC as VIRTIO_MMIO_MAGIC
 from bridge.virtio_mmio import VERSION_REG as VERSION
-from xen.sim.guest_dma import IDENTITY_DMA, GuestDma
+from xen.sim.guest_dma import IDENTITY_DMA, GuestDma, dma_for_device
 from xen.sim.guest_memory import GuestAllocator
 from xen.sim.guest_virtqueue import (
     VIRTIO_F_EVENT_IDX,
@@ -230,6 +230,18 @@ class VirtioMmioDriver:
         self._config_event = trio.Event()
         self._config_callbacks: list[ConfigChangeCallback] = []
         self._irq_registered = False
+
+    @classmethod
+    async def for_device(cls, guest: Any, allocator: GuestAllocator, base: int, irq: int,
+                         **kwargs: Any) -> "VirtioMmioDriver":
+        """The driver for the window at ``base``, set up as Linux would from
+        the guest's device tree: grant DMA when the device says
+        grant_usage (libxl's "xen,grant-dma"), else by address."""
+        dma = IDENTITY_DMA
+        for device in await guest.devices():
+            if device.base == base:
+                dma = dma_for_device(guest, device)
+        return cls(None, guest.ram, allocator, base, irq, guest, dma=dma, **kwargs)
 
     # -- plumbing -----------------------------------------------------------
 
