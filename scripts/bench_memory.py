@@ -16,10 +16,8 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 
-import trio
-
+from bridge.bench_blk import timed_ios
 from bridge.processes import exit_cleanly_on_sigterm, run_trio
 from bridge.testbed import BlkTestbed
 from xen.sim.guest import SimGuest
@@ -28,29 +26,7 @@ from xen.sim.virtio_blk import VirtioBlkDriver
 from xen.sim.virtio_mmio_driver import VirtioMmioDriver
 
 MiB = 1 << 20
-SECTOR = 512
 MODES = ("passthrough", "shadow")
-
-
-async def timed_ios(blk, *, op: str, size: int, depth: int, count: int, disk: int, rng: random.Random) -> float:
-    """Seconds for ``count`` requests of ``size`` bytes with ``depth`` in flight."""
-    sectors = disk // SECTOR - size // SECTOR
-    offsets = [rng.randrange(0, sectors // 8) * 8 for _ in range(count)]
-    data = rng.randbytes(size)
-    queue = iter(offsets)
-
-    async def worker() -> None:
-        for sector in queue:
-            if op == "read":
-                await blk.read(sector, size)
-            else:
-                await blk.write(sector, data)
-
-    started = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(depth):
-            nursery.start_soon(worker)
-    return time.perf_counter() - started
 
 
 async def measure(bed: BlkTestbed, counts: dict[str, int], seed: int) -> dict[str, float]:
@@ -64,10 +40,10 @@ async def measure(bed: BlkTestbed, counts: dict[str, int], seed: int) -> dict[st
         for op in ("write", "read"):  # write first: reads of written blocks
             for depth in (1, 32):
                 n = counts["4k"]
-                seconds = await timed_ios(blk, op=op, size=4096, depth=depth, count=n, disk=disk, rng=rng)
+                _, seconds = await timed_ios(blk, op=op, size=4096, depth=depth, count=n, disk=disk, rng=rng)
                 results[f"4k rand{op} qd{depth} (IOPS)"] = n / seconds
             n = counts["1m"]
-            seconds = await timed_ios(blk, op=op, size=MiB, depth=4, count=n, disk=disk, rng=rng)
+            _, seconds = await timed_ios(blk, op=op, size=MiB, depth=4, count=n, disk=disk, rng=rng)
             results[f"1m {op} qd4 (MiB/s)"] = n / seconds
         await transport.reset()
     return results

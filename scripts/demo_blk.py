@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_cleanly_on_sigterm()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="demo: %(name)s: %(message)s")
     image_size = args.image_mib * MiB
-    with tempfile.TemporaryDirectory(prefix="xen-vhost-bridge-demo-") as work:
+    with tempfile.TemporaryDirectory(prefix="xvb-demo-blk-") as work:
         print(f"demo: seed {args.seed}; starting qemu-storage-daemon on a {args.image_mib} MiB image, xen-sim, xen-vhost-bridge")
         try:
             bridge_flags = ["--memory", args.memory, "--arena-mib", str(args.arena_mib)]

@@ -33,6 +33,11 @@ boundaries:
    end of a socketpair): simulator -> client only, one message per watch
    event, ``path NUL token NUL`` in UTF-8 (:func:`encode_watch_event`).
 
+6. A set_irq_level channel (op ``irq_channel_open`` hands the client one
+   end of a socketpair): requests :data:`IRQ_LEVEL_REQUEST`, each answered
+   with :data:`IRQ_LEVEL_REPLY`; the same as the ``set_irq_level`` request
+   without the cost of a control request, as the ioctl is cheap on Xen.
+
 The guest's control connection also takes requests after ``hello``: the
 guest-role ops of :data:`REQUESTS` (``devices``, ``grant_access``,
 ``grant_access_seq``, ``end_access``); a device model's connection takes
@@ -79,6 +84,15 @@ EVTCHN_RECORD = struct.Struct("<II")
 
 EVTCHN_OP_UNMASK = 1
 EVTCHN_OP_NOTIFY = 2
+
+IRQ_LEVEL_REQUEST = struct.Struct("<II")
+"""(irq, level), client -> simulator, on the channel ``irq_channel_open``
+hands out: XEN_DMOP_set_irq_level as the ioctl it is on Xen, without a
+JSON control request."""
+
+IRQ_LEVEL_REPLY = struct.Struct("<I")
+"""Simulator -> client, one per request: 0, or the errno it failed with
+(the control op ``set_irq_level`` then says why)."""
 
 TRAP_REQUEST = struct.Struct("<BBHIQQ")
 """Guest -> simulator: u8 kind, u8 size, u16 reserved (0), u32 seq,
@@ -236,6 +250,10 @@ REQUESTS: dict[str, dict[str, Field]] = {
     "evtchn_open": {},
     "evtchn_bind_interdomain": {"handle": Field(int, U32), "remote_domid": DOMID, "remote_port": Field(int, U32)},
     "evtchn_unbind": {"handle": Field(int, U32), "port": Field(int, U32)},
+    # XEN_DMOP_set_irq_level at a hypercall's cost: replies with one fd, a
+    # channel of IRQ_LEVEL_REQUEST / IRQ_LEVEL_REPLY (set_irq_level above
+    # stays, and says why a request was refused).
+    "irq_channel_open": {},
     # The simulator's own: guest RAM as a file (replies with the RAM memfd).
     "guest_ram": {"domid": DOMID},
     # --- the dom0 kernel's privcmd eventfd ioctls (Linux >= 6.7). Each
