@@ -23,12 +23,13 @@ from bridge.device_types import DeviceOptions, DeviceType
 from bridge.discovery import (
     DiscoveryError,
     XenstoreDevice,
-    backend_root,
     choose_device,
     close_backend,
+    describe_roots,
     find_devices,
+    mark_claimed,
+    mark_served,
     own_domid,
-    set_state,
     watch_until_gone,
 )
 from bridge.guest_pages import DEFAULT_MAX_BYTES, MappedGuestMemory
@@ -36,7 +37,7 @@ from bridge.memory import GuestRamMap, PassthroughMemory, ShadowMemory
 from bridge.virtio_mmio import WINDOW_SIZE
 from xen.hypervisor import Hypervisor, HypervisorError, open_hypervisor
 from xen.ioreq_server import IoreqServer, MmioRouter
-from xen.xenstore import XenbusState, XenStore
+from xen.xenstore import XenStore
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def place_devices(config: BridgeConfig, xs: XenStore | None) -> list[Placement]:
         if found is None:
             backend = own_domid(xs)
             found = find_devices(xs, config.domid, backend)
-            where = backend_root(backend, config.domid)
+            where = describe_roots(backend, config.domid)
         entry = choose_device([d for d in found if d.devid not in claimed], dev.device_type, dev.devid, where=where,
                               first=len(config.devices) > 1)
         claimed.add(entry.devid)
@@ -199,10 +200,10 @@ async def run_bridge(config: BridgeConfig, *, on_ready: Callable[[str], None] | 
         placements = place_devices(config, xs)
         for place in placements:
             if place.xenstore is not None:
-                set_state(xs, place.xenstore, XenbusState.INIT_WAIT)
+                mark_claimed(xs, place.xenstore)
         memory = GuestMemory(config, hv)
         router = MmioRouter()
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as signals:
             async with trio.open_nursery() as nursery:
                 devices = []
                 for dev, place in zip(config.devices, placements):
@@ -227,7 +228,7 @@ async def run_bridge(config: BridgeConfig, *, on_ready: Callable[[str], None] | 
                     device.fast_path = server.fast_path
                 in_xenstore = [place.xenstore for place in placements if place.xenstore is not None]
                 for entry in in_xenstore:
-                    set_state(xs, entry, XenbusState.CONNECTED)
+                    mark_served(xs, entry)
                 if in_xenstore:
                     nursery.start_soon(_stop_when_removed, xs, in_xenstore, nursery.cancel_scope)
                 message = "; ".join(
@@ -238,6 +239,11 @@ async def run_bridge(config: BridgeConfig, *, on_ready: Callable[[str], None] | 
                 if on_ready is not None:
                     on_ready(message)
                 async for signum in signals:
+                    if signum == signal.SIGUSR1:  # virtio-gpu: PNG snapshots now
+                        for device in devices:
+                            if device.display is not None:
+                                nursery.start_soon(_snapshot, device)
+                        continue
                     log.info("%s: shutting down", signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
                     break
@@ -259,6 +265,16 @@ def _serving(domid: int, dev: DeviceConfig, place: Placement, mode: str) -> str:
         f"serving virtio-{dev.device_type.name} for domain {domid} at {place.base:#x}-{end:#x}, irq {place.irq}"
         f"{source}, daemon {dev.socket_path}, {mode} memory"
     )
+
+
+async def _snapshot(device: VhostUserDevice) -> None:
+    try:
+        paths = await device.display.snapshot()
+    except OSError as exc:
+        log.error("virtio-gpu at %#x: cannot write a snapshot: %s", device.base, exc)
+        return
+    if not paths:
+        log.warning("virtio-gpu at %#x: SIGUSR1, but no snapshot: no --gpu-output, or no scanout on", device.base)
 
 
 async def _stop_when_removed(xs: XenStore, devices: list[XenstoreDevice], scope: trio.CancelScope) -> None:

@@ -1,9 +1,10 @@
 """Find the guest's virtio device where xl/libxl describe it: in xenstore.
 
-For ``virtio = ["type=virtio,device2,transport=mmio"]`` in a guest's xl
-config, libxl (Xen 4.17+, Arm) picks the MMIO window and the SPI, writes
-them into the guest's device tree, and records the device for its backend
-under::
+libxl (Arm) picks each virtio-mmio device's window and SPI, writes them
+into the guest's device tree, and records the device for its backend in one
+of two places, depending on the Xen release and the xl config line.
+
+Xen 4.18 and later, ``virtio = ["type=virtio,device2,transport=mmio"]``::
 
     /local/domain/<backend domid>/backend/virtio/<domid>/<devid>/
         type         "virtio,device<virtio id in hex>"
@@ -13,12 +14,31 @@ under::
         grant_usage  "1" when the guest puts grant references in its buffers
         frontend, frontend-id, online, state
 
-libxl does not wait for a virtio backend (the device needs no xenbus
-handshake with the guest), so the backend's ``state`` is ours to keep: the
-bridge moves it to InitWait when it claims the device, to Connected when it
-serves the window, and to Closed when it stops. Removing the backend
-directory (the device or the domain going away), ``online`` set to 0, or
-``state`` set to Closing by the toolstack tells the bridge to stop.
+Xen 4.17, where only a disk can be virtio, through its disk line
+(``disk = ["format=raw,vdev=xvda,backendtype=standalone,specification=virtio,target=/path"]``;
+libxl_disk.c)::
+
+    /local/domain/<backend domid>/backend/virtio_disk/<domid>/<devid>/
+        type           "standalone" (the backend type, not a virtio id: always virtio-blk)
+        specification  "virtio"
+        transport      "mmio"
+        base           the window's guest-physical address, in decimal ("33554432")
+        irq            the SPI, in decimal ("33")
+        params         the target, dev (xvda), mode, frontend, frontend-id, online, state ...
+
+4.17 has no grant_usage key: libxl gives the guest's virtio node an
+``iommus`` link to a "xen,grant-dma" node (so grant references in its
+buffers) exactly when the backend is not dom0, so that is what the bridge
+assumes there.
+
+For the generic virtio line libxl does not wait for the backend, so its
+``state`` is ours to keep; for the 4.17 disk line ``xl create`` waits (10 s)
+for the backend to reach InitWait and fails the domain otherwise: start the
+bridge while ``xl create -p`` runs. Either way the bridge moves the state to
+InitWait when it claims the device, to Connected when it serves the window,
+and to Closed when it stops. Removing the backend directory (the device or
+the domain going away), ``online`` set to 0, or ``state`` set to Closing by
+the toolstack tells the bridge to stop.
 
 Start the bridge before the guest runs (``xl create -p``, start the bridge,
 ``xl unpause``): otherwise the guest may probe a window nobody serves yet.
@@ -54,7 +74,7 @@ class XenstoreDevice:
     domid: int
     devid: int
     path: str
-    """The backend directory: /local/domain/<backend>/backend/virtio/<domid>/<devid>."""
+    """The backend directory: /local/domain/<backend>/backend/<kind>/<domid>/<devid>."""
     type: str
     virtio_id: int | None
     """None for the generic "virtio,device" compatible, which names no device."""
@@ -62,6 +82,9 @@ class XenstoreDevice:
     base: int
     irq: int
     grant_usage: bool
+    kind: str = "virtio"
+    """Which backend directory holds it: "virtio" (the generic virtio line)
+    or "virtio_disk" (Xen 4.17's virtio disk line)."""
 
     def describe(self) -> str:
         return f"virtio device {self.devid} of domain {self.domid} ({self.type} at {self.base:#x}, irq {self.irq})"
@@ -76,8 +99,20 @@ def own_domid(xs: XenStore) -> int:
     return int(text.strip())
 
 
-def backend_root(backend_domid: int, domid: int) -> str:
-    return f"/local/domain/{backend_domid}/backend/virtio/{domid}"
+VIRTIO_KINDS = ("virtio", "virtio_disk")
+"""The backend directories libxl records virtio devices in: the generic
+virtio line's (Xen 4.18+) and 4.17's virtio disk line's."""
+
+VIRTIO_BLK_ID = 2
+
+
+def backend_root(backend_domid: int, domid: int, kind: str = "virtio") -> str:
+    return f"/local/domain/{backend_domid}/backend/{kind}/{domid}"
+
+
+def describe_roots(backend_domid: int, domid: int) -> str:
+    """Where find_devices looks, for messages."""
+    return " and ".join(backend_root(backend_domid, domid, kind) for kind in VIRTIO_KINDS)
 
 
 def parse_virtio_type(text: str) -> int | None:
@@ -88,15 +123,19 @@ def parse_virtio_type(text: str) -> int | None:
     return int(m.group(1), 16) if m.group(1) else None
 
 
+def _key(xs: XenStore, path: str, name: str) -> str:
+    value = xs.read(f"{path}/{name}")
+    if value is None:
+        raise DiscoveryError(f"{path}/{name} is missing: libxl writes it for every virtio device")
+    return value.strip()
+
+
 def read_device(xs: XenStore, domid: int, path: str, devid: int) -> XenstoreDevice:
-    """Parse one backend directory; a missing or malformed key is a
+    """Parse one backend/virtio directory; a missing or malformed key is a
     DiscoveryError that names it."""
 
     def key(name: str) -> str:
-        value = xs.read(f"{path}/{name}")
-        if value is None:
-            raise DiscoveryError(f"{path}/{name} is missing: libxl writes it for every virtio device")
-        return value.strip()
+        return _key(xs, path, name)
 
     type_ = key("type")
     try:
@@ -126,20 +165,62 @@ def read_device(xs: XenStore, domid: int, path: str, devid: int) -> XenstoreDevi
     )
 
 
+def read_disk_device(xs: XenStore, domid: int, path: str, devid: int, backend_domid: int) -> XenstoreDevice:
+    """Parse one backend/virtio_disk directory (Xen 4.17's virtio disk
+    line): always virtio-blk, base in decimal, grants when the backend is
+    not dom0."""
+
+    def key(name: str) -> str:
+        return _key(xs, path, name)
+
+    spec = key("specification")
+    if spec != "virtio":
+        raise DiscoveryError(f"{path}/specification is {spec!r}: only specification=virtio disks are virtio devices")
+    base_text = key("base")
+    if _DEC.fullmatch(base_text):
+        base = int(base_text)
+    elif _HEX.fullmatch(base_text):
+        base = int(base_text, 16)
+    else:
+        raise DiscoveryError(f"{path}/base is {base_text!r}, not an address (libxl 4.17 writes it in decimal)")
+    irq_text = key("irq")
+    if not _DEC.fullmatch(irq_text):
+        raise DiscoveryError(f"{path}/irq is {irq_text!r}, not a decimal SPI number")
+    return XenstoreDevice(
+        domid=domid,
+        devid=devid,
+        path=path,
+        type=f"virtio_disk {key('type')}",
+        virtio_id=VIRTIO_BLK_ID,
+        transport=key("transport"),
+        base=base,
+        irq=int(irq_text),
+        grant_usage=backend_domid != 0,
+        kind="virtio_disk",
+    )
+
+
 def find_devices(xs: XenStore, domid: int, backend_domid: int | None = None) -> list[XenstoreDevice]:
     """Every virtio device of ``domid`` whose backend is this domain (or
-    ``backend_domid``), by devid."""
+    ``backend_domid``): those of the generic virtio line, then those of the
+    4.17 virtio disk line, each by devid."""
     if backend_domid is None:
         backend_domid = own_domid(xs)
-    root = backend_root(backend_domid, domid)
-    names = xs.directory(root) or []
     devices = []
-    for name in names:
-        if not _DEC.fullmatch(name):
-            log.warning("ignoring %s/%s: not a device number", root, name)
-            continue
-        devices.append(read_device(xs, domid, f"{root}/{name}", int(name)))
-    return sorted(devices, key=lambda d: d.devid)
+    for kind in VIRTIO_KINDS:
+        root = backend_root(backend_domid, domid, kind)
+        found = []
+        for name in xs.directory(root) or []:
+            if not _DEC.fullmatch(name):
+                log.warning("ignoring %s/%s: not a device number", root, name)
+                continue
+            path = f"{root}/{name}"
+            if kind == "virtio":
+                found.append(read_device(xs, domid, path, int(name)))
+            else:
+                found.append(read_disk_device(xs, domid, path, int(name), backend_domid))
+        devices += sorted(found, key=lambda d: d.devid)
+    return devices
 
 
 def choose_device(
@@ -151,8 +232,10 @@ def choose_device(
     if not devices:
         raise DiscoveryError(
             f"xenstore lists no virtio device under {where}: give the guest one (virtio = "
-            f'["type=virtio,device{device_type.virtio_id:x},transport=mmio"] in its xl config), or '
-            "pass --mmio-base and --irq"
+            f'["type=virtio,device{device_type.virtio_id:x},transport=mmio"] in its xl config; on Xen 4.17 a '
+            'disk line with "backendtype=standalone,specification=virtio"), or pass --mmio-base and --irq'
+            "; with the 4.17 disk line start the bridge while `xl create -p` runs, once libxl has written "
+            "the device"
         )
     if devid is not None:
         chosen = [d for d in devices if d.devid == devid]
@@ -186,12 +269,27 @@ def choose_device(
 def discover(xs: XenStore, domid: int, device_type: DeviceType, devid: int | None = None) -> XenstoreDevice:
     backend = own_domid(xs)
     return choose_device(
-        find_devices(xs, domid, backend), device_type, devid, where=backend_root(backend, domid)
+        find_devices(xs, domid, backend), device_type, devid, where=describe_roots(backend, domid)
     )
 
 
 def set_state(xs: XenStore, device: XenstoreDevice, state: XenbusState) -> None:
     xs.write(f"{device.path}/state", str(int(state)))
+
+
+def mark_claimed(xs: XenStore, device: XenstoreDevice) -> None:
+    """The bridge has taken the device and is setting it up: InitWait for a
+    generic virtio device. A 4.17 virtio disk stays Initialising: xl takes
+    InitWait as "ready", and unpauses a rebooted guest on it."""
+    if device.kind == "virtio":
+        set_state(xs, device, XenbusState.INIT_WAIT)
+
+
+def mark_served(xs: XenStore, device: XenstoreDevice) -> None:
+    """The window is served: Connected for a generic virtio device. For a
+    4.17 virtio disk InitWait, and it stays there: libxl waits for exactly
+    state 2 (InitWait), and would miss it if it read Connected instead."""
+    set_state(xs, device, XenbusState.CONNECTED if device.kind == "virtio" else XenbusState.INIT_WAIT)
 
 
 def close_backend(xs: XenStore, device: XenstoreDevice) -> None:

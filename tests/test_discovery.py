@@ -1,6 +1,8 @@
-"""Finding the device in xenstore, on trees recorded the way xl/libxl
-(Xen 4.17, Arm) write them. The simulator's xenstore and the bridge's use of
-discovery end to end are covered in test_e2e_blk.py."""
+"""Finding the device in xenstore, on trees recorded the way xl/libxl (Arm)
+write them: the generic virtio line (Xen 4.18+, backend/virtio) and Xen
+4.17's virtio disk line (backend/virtio_disk, keys from libxl_disk.c). The
+simulator's xenstore and the bridge's use of discovery end to end are
+covered in test_e2e_blk.py; real Xen 4.17 in test_xen_e2e.py."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from bridge.discovery import (
     discover,
     find_devices,
     gone_reason,
+    mark_claimed,
+    mark_served,
     parse_virtio_type,
     set_state,
     watch_until_gone,
@@ -97,7 +101,7 @@ class RecordedStore(XenStore):
 
 
 def libxl_device(domid: int, devid: int, type_: str, *, backend: int = 0, grant: str = "0") -> dict[str, str]:
-    """What libxl 4.17 writes for `virtio = ["type=...,transport=mmio"]`."""
+    """What libxl (4.18+) writes for `virtio = ["type=...,transport=mmio"]`."""
     bpath = f"/local/domain/{backend}/backend/virtio/{domid}/{devid}"
     fpath = f"/local/domain/{domid}/device/virtio/{devid}"
     return {
@@ -312,3 +316,162 @@ def test_overlapping_windows_and_shared_irqs_are_refused(store):
         place_devices(config(DeviceConfig(BLK, "/a"), DeviceConfig(BLK, "/b", mmio_base=0x02000100, irq=40)), xs)
     with pytest.raises(DiscoveryError, match="share irq 33"):
         place_devices(config(DeviceConfig(BLK, "/a"), DeviceConfig(BLK, "/b", mmio_base=0x3000000, irq=33)), xs)
+
+
+# --- Xen 4.17's virtio disk line ----------------------------------------------
+
+XVDA = 51712  # the devid of vdev=xvda
+
+
+def libxl_disk(domid: int, devid: int = XVDA, *, backend: int = 0, index: int = 0,
+               spec: str = "virtio") -> dict[str, str]:
+    """What libxl 4.17 (libxl_disk.c) writes for
+    `disk = ["format=raw,vdev=xvda,backendtype=standalone,specification=virtio,target=/x.img"]`:
+    base in decimal, no grant_usage."""
+    bpath = f"/local/domain/{backend}/backend/virtio_disk/{domid}/{devid}"
+    fpath = f"/local/domain/{domid}/device/virtio_disk/{devid}"
+    return {
+        f"{bpath}/frontend": fpath,
+        f"{bpath}/params": "/x.img",
+        f"{bpath}/frontend-id": str(domid),
+        f"{bpath}/online": "1",
+        f"{bpath}/removable": "0",
+        f"{bpath}/bootable": "1",
+        f"{bpath}/state": "1",
+        f"{bpath}/dev": "xvda",
+        f"{bpath}/type": "standalone",
+        f"{bpath}/mode": "w",
+        f"{bpath}/device-type": "disk",
+        f"{bpath}/discard-enable": "1",
+        f"{bpath}/specification": spec,
+        f"{bpath}/transport": "mmio",
+        f"{bpath}/base": str(0x02000000 + 0x200 * index),
+        f"{bpath}/irq": str(33 + index),
+        f"{fpath}/backend": bpath,
+        f"{fpath}/backend-id": str(backend),
+        f"{fpath}/state": "1",
+        f"{fpath}/virtual-device": str(devid),
+        f"{fpath}/device-type": "disk",
+        f"{fpath}/trusted": "1",
+    }
+
+
+def test_a_4_17_virtio_disk_is_found_as_virtio_blk_with_its_decimal_base(store):
+    xs = store(libxl_disk(3))
+    dev = discover(xs, 3, BLK)
+    assert (dev.devid, dev.base, dev.irq, dev.virtio_id, dev.kind) == (XVDA, 0x02000000, 33, 2, "virtio_disk")
+    assert dev.path == f"/local/domain/0/backend/virtio_disk/3/{XVDA}"
+    assert not dev.grant_usage  # backend in dom0: libxl gives the guest no xen,grant-dma node
+
+
+def test_a_4_17_virtio_disk_served_from_a_driver_domain_uses_grants(store):
+    # libxl links the guest's virtio node to "xen,grant-dma" when the backend is not dom0.
+    xs = store(libxl_disk(3, backend=2), {"/local/domain/2/domid": "2"}, home="/local/domain/2")
+    assert discover(xs, 3, BLK).grant_usage
+
+
+def test_a_4_17_virtio_disk_is_no_device_of_another_type(store):
+    xs = store(libxl_disk(3))
+    with pytest.raises(DiscoveryError, match="no virtio-fs device"):
+        discover(xs, 3, FS)
+
+
+def test_both_backend_directories_are_read(store):
+    xs = store(libxl_device(3, 0, "virtio,device1a"), libxl_disk(3, index=1))
+    assert [(d.kind, d.devid, d.base) for d in find_devices(xs, 3)] == [
+        ("virtio", 0, 0x02000000), ("virtio_disk", XVDA, 0x02000200)]
+    assert discover(xs, 3, BLK).kind == "virtio_disk"
+    assert discover(xs, 3, FS).kind == "virtio"
+
+
+@pytest.mark.parametrize(
+    "key, value, complaint",
+    [
+        ("base", None, "base is missing"),
+        ("irq", None, "irq is missing"),
+        ("transport", None, "transport is missing"),
+        ("specification", None, "specification is missing"),
+        ("specification", "xen", "only specification=virtio"),
+        ("base", "0x2000zz", "not an address"),
+        ("base", "-1", "not an address"),
+        ("irq", "0x21", "not a decimal SPI"),
+        ("transport", "pci", "transport 'pci'"),
+    ],
+)
+def test_a_malformed_4_17_virtio_disk_is_a_clear_error_naming_the_key(store, key, value, complaint):
+    tree = libxl_disk(3)
+    path = f"/local/domain/0/backend/virtio_disk/3/{XVDA}/{key}"
+    if value is None:
+        del tree[path]
+    else:
+        tree[path] = value
+    with pytest.raises(DiscoveryError, match=complaint):
+        discover(store(tree), 3, BLK)
+
+
+def test_a_hex_base_is_read_too(store):
+    tree = libxl_disk(3)
+    tree[f"/local/domain/0/backend/virtio_disk/3/{XVDA}/base"] = "0x2000400"
+    assert discover(store(tree), 3, BLK).base == 0x2000400
+
+
+def test_no_device_names_both_directories_and_the_4_17_disk_line(store):
+    with pytest.raises(DiscoveryError) as info:
+        discover(store(), 3, BLK)
+    text = str(info.value)
+    assert "/local/domain/0/backend/virtio/3" in text and "/local/domain/0/backend/virtio_disk/3" in text
+    assert "backendtype=standalone,specification=virtio" in text
+
+
+def test_a_generic_device_goes_initwait_when_claimed_and_connected_when_served(store):
+    xs = store(libxl_device(3, 0, "virtio,device2"))
+    dev = discover(xs, 3, BLK)
+    mark_claimed(xs, dev)
+    assert xs.read(dev.path + "/state") == "2"
+    mark_served(xs, dev)
+    assert [v for p, v in xs.writes if p == dev.path + "/state"] == ["2", "4"]
+
+
+def test_a_4_17_virtio_disk_says_initwait_only_once_served_and_stays_there(store):
+    # xl create waits for exactly state 2 and unpauses a rebooted guest on it.
+    xs = store(libxl_disk(3))
+    dev = discover(xs, 3, BLK)
+    mark_claimed(xs, dev)
+    assert xs.read(dev.path + "/state") == "1"
+    mark_served(xs, dev)
+    assert [v for p, v in xs.writes if p == dev.path + "/state"] == ["2"]
+    close_backend(xs, dev)
+    assert xs.read(dev.path + "/state") == "6"
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (lambda xs, p: xs.write(p + "/online", "0"), "online"),  # what xl destroy and a reboot do first
+        (lambda xs, p: xs.remove(p), "removed"),
+    ],
+)
+async def test_watch_stops_for_a_4_17_virtio_disk_taken_away(store, change, reason):
+    xs = store(libxl_disk(3))
+    dev = discover(xs, 3, BLK)
+    mark_served(xs, dev)
+    result = []
+
+    async def watcher():
+        result.append(await watch_until_gone(xs, dev))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watcher)
+        await trio.sleep(0.05)
+        assert result == []
+        change(xs, dev.path)
+        with trio.fail_after(2):
+            while not result:
+                await trio.sleep(0.01)
+    assert reason in result[0]
+
+
+def test_the_bridge_places_a_4_17_virtio_disk_from_xenstore(store):
+    xs = store(libxl_disk(3))
+    [place] = place_devices(config(DeviceConfig(BLK, "/a")), xs)
+    assert (place.base, place.irq, place.xenstore.kind) == (0x02000000, 33, "virtio_disk")

@@ -86,11 +86,12 @@ def test_open_without_xen_loads_nothing():
 
 
 @needs_no_xen
-def test_cli_without_xen_exits_at_once_with_one_line():
+def test_cli_without_xen_exits_at_once_with_one_line(tmp_path):
     # No wall-clock assertion (this machine is noisy): the path has no wait,
     # retry or daemon dial before the check, and a hang would hit the timeout.
+    # The socket path does not exist (a fixed one like /tmp/x may, as anything).
     result = subprocess.run(
-        [sys.executable, "-m", "bridge.cli", "--domid", "1", "--socket", "/tmp/x"],
+        [sys.executable, "-m", "bridge.cli", "--domid", "1", "--socket", str(tmp_path / "absent.sock")],
         cwd=ROOT,
         capture_output=True,
         text=True,
