@@ -33,3 +33,17 @@ def assert_on_image(image: str, blocks: dict[int, bytes]) -> None:
         for sector, data in blocks.items():
             f.seek(sector * SECTOR)
             assert f.read(len(data)) == data, f"sector {sector}"
+
+
+class NoBackendRequests:
+    """A front-end handler for tests whose daemon sends nothing on the
+    back-end channel worth acting on."""
+
+    async def config_changed(self) -> None:
+        pass
+
+    def vring_call(self, index: int) -> None:
+        pass
+
+    def vring_err(self, index: int) -> None:
+        pass

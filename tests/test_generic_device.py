@@ -21,7 +21,7 @@ from bridge.daemons import start_qemu_storage_daemon
 from bridge.device_types import DEVICE_TYPES, generic_device_type
 from bridge.processes import Child
 from bridge.testbed import BlkTestbed
-from tests.e2e_helpers import assert_on_image, open_blk, write_all
+from tests.e2e_helpers import NoBackendRequests, assert_on_image, open_blk, write_all
 from vhost_user import VhostUserFrontend
 from xen.sim.guest import SimGuest
 
@@ -82,17 +82,6 @@ def test_generic_device_type_checks_its_arguments():
 
 
 # -- the config size, asked of real daemons
-
-
-class NoBackendRequests:
-    async def config_changed(self) -> None:
-        pass
-
-    def vring_call(self, index: int) -> None:
-        pass
-
-    def vring_err(self, index: int) -> None:
-        pass
 
 
 async def probe(path: str, nursery) -> bytes:

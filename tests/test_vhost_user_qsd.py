@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from bridge.daemons import start_qemu_storage_daemon
+from tests.e2e_helpers import NoBackendRequests
 from vhost_user import (
     MemoryRegionFd,
     ProtocolFeature,
@@ -27,17 +28,6 @@ pytestmark = pytest.mark.e2e
 IMAGE_SIZE = 16 << 20
 SECTOR = 512
 VIRTIO_F_VERSION_1 = 1 << 32
-
-
-class NullHandler:
-    async def config_changed(self) -> None:
-        pass
-
-    def vring_call(self, index: int) -> None:
-        pass
-
-    def vring_err(self, index: int) -> None:
-        pass
 
 
 @pytest.fixture
@@ -61,7 +51,7 @@ def qsd(tmp_path):
 async def test_negotiation_with_qemu_storage_daemon(qsd, nursery):
     path, _ = qsd
     with trio.fail_after(20):
-        fe = await VhostUserFrontend.connect(path, nursery=nursery, handler=NullHandler(),
+        fe = await VhostUserFrontend.connect(path, nursery=nursery, handler=NoBackendRequests(),
                                              default_num_queues=1, config_size=60)
         try:
             # daemons.md: 0x175007e46 / 0x8f2b, 1 queue, 32 slots, 60-byte config
@@ -108,7 +98,7 @@ async def test_block_read_through_a_ring(qsd, nursery):
         struct.pack_into("<HHH", ram, AVAIL, 0, 1, 0)  # flags, idx = 1, ring[0] = head 0
 
         with trio.fail_after(20):
-            fe = await VhostUserFrontend.connect(path, nursery=nursery, handler=NullHandler(),
+            fe = await VhostUserFrontend.connect(path, nursery=nursery, handler=NoBackendRequests(),
                                                  default_num_queues=1, config_size=60)
             try:
                 region = MemoryRegionFd(gpa=GPA, size=RAM, user_addr=user, fd=fd, fd_offset=0)
@@ -132,7 +122,7 @@ async def test_block_read_through_a_ring(qsd, nursery):
 
             # qemu-storage-daemon keeps listening: a second front-end connects
             again = await VhostUserFrontend.connect(path, nursery=nursery,
-                                                    handler=NullHandler(),
+                                                    handler=NoBackendRequests(),
                                                     default_num_queues=1, config_size=8)
             assert again.num_queues == 1
             await again.aclose()
