@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import attrs
@@ -28,7 +29,9 @@ from bridge.device_types import (
     generic_device_type,
 )
 from bridge.memory import MODES
+from bridge.net_control import MAX_RINGS, parse_mac
 from bridge.split_ring import is_valid_queue_size
+from vhost_user.edid import MAX_ACTIVE as MAX_EDID_ACTIVE
 from vhost_user.protocol import MAX_CONFIG_SIZE, VhostUserError
 from xen.hypervisor import HypervisorError
 from xen.xenstore import XenStoreError
@@ -72,6 +75,66 @@ def _irq(text: str) -> int:
     return value
 
 
+def _gpu_resolution(text: str) -> tuple[int, int]:
+    w, x, h = text.lower().partition("x")
+    try:
+        size = (int(w), int(h)) if x else None
+    except ValueError:
+        size = None
+    if size is None or not all(16 <= v <= MAX_EDID_ACTIVE for v in size):
+        raise argparse.ArgumentTypeError(f"a display mode is WIDTHxHEIGHT, each 16 to {MAX_EDID_ACTIVE}, not {text!r}")
+    return size
+
+
+def _gpu_output(text: str) -> str:
+    if not os.path.isdir(text) or not os.access(text, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text} is not a directory this process can write to")
+    return os.path.abspath(text)
+
+
+def _gpu_http(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not sep or host not in ("127.0.0.1", "localhost", "::1", "[::1]") or not 0 < number < 65536:
+        raise argparse.ArgumentTypeError(f"the live view listens on loopback only: 127.0.0.1:PORT, not {text!r}")
+    return ("::1" if host in ("::1", "[::1]") else "127.0.0.1", number)
+
+
+def _gpu_options(args: argparse.Namespace, spec: dict) -> dict:
+    """DeviceOptions' virtio-gpu fields: a --device's own options, else the flags."""
+    return {
+        "gpu_resolution": spec.get("gpu-resolution", args.gpu_resolution),
+        "gpu_output": spec.get("gpu-output", args.gpu_output),
+        "gpu_png_every_flush": args.gpu_png_every_flush,
+        "gpu_cursor": args.gpu_cursor,
+        "gpu_http": args.gpu_http,
+    }
+
+
+def _mac(text: str) -> str:
+    try:
+        parse_mac(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _queue_pairs(text: str) -> int:
+    value = _int(text)
+    if not 1 <= value <= MAX_RINGS // 2:
+        raise argparse.ArgumentTypeError(f"{value} queue pairs is not in 1..{MAX_RINGS // 2} (vhost-user addresses "
+                                         f"{MAX_RINGS} rings)")
+    return value
+
+
+def _net_options(args: argparse.Namespace, spec: dict) -> dict:
+    """DeviceOptions' virtio-net fields: a --device's own options, else the flags."""
+    return {"mac": spec.get("mac", args.mac), "queue_pairs": spec.get("queue-pairs", args.queue_pairs)}
+
+
 def _fs_tag(text: str) -> str:
     size = len(text.encode())
     if not 0 < size <= VIRTIO_FS_TAG_SIZE:
@@ -90,7 +153,8 @@ class DeviceSpec:
     options: dict = attrs.field(factory=dict)
 
 
-_SPEC_OPTIONS = ("mmio-base", "irq", "devid", "fs-tag", "device-id", "queues", "config-size")
+_SPEC_OPTIONS = ("mmio-base", "irq", "devid", "fs-tag", "device-id", "queues", "config-size", "gpu-output",
+                 "gpu-resolution", "mac", "queue-pairs")
 GENERIC = "generic"
 """The device type of a daemon the bridge has no name for (--device-id)."""
 _GENERIC_OPTIONS = ("device-id", "queues", "config-size")
@@ -117,7 +181,9 @@ def _device_spec(text: str) -> DeviceSpec:
                 f"--device {text}: {pair!r} is not one of {', '.join(f'{k}=...' for k in _SPEC_OPTIONS)}"
             )
         parse = {"mmio-base": _mmio_base, "irq": _irq, "devid": _devid, "fs-tag": _fs_tag,
-                 "device-id": _virtio_id, "queues": _queues, "config-size": _config_size}[key]
+                 "gpu-output": _gpu_output, "gpu-resolution": _gpu_resolution,
+                 "device-id": _virtio_id, "queues": _queues, "config-size": _config_size,
+                 "mac": _mac, "queue-pairs": _queue_pairs}[key]
         options[key] = parse(value)
     generic = [key for key in _GENERIC_OPTIONS if key in options]
     if kind != GENERIC and generic:
@@ -163,7 +229,7 @@ def device_configs(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             mmio_base=args.mmio_base,
             irq=args.irq,
             devid=args.devid,
-            options=DeviceOptions(fs_tag=args.fs_tag),
+            options=DeviceOptions(fs_tag=args.fs_tag, **_gpu_options(args, {}), **_net_options(args, {})),
         ),)
     if len(inline) != len(specs) or args.socket is not None:
         parser.error("give every device its socket as --device TYPE:SOCKET, or one device with --socket, not both")
@@ -182,7 +248,8 @@ def device_configs(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             mmio_base=spec.options.get("mmio-base"),
             irq=spec.options.get("irq"),
             devid=spec.options.get("devid"),
-            options=DeviceOptions(fs_tag=spec.options.get("fs-tag", args.fs_tag)),
+            options=DeviceOptions(fs_tag=spec.options.get("fs-tag", args.fs_tag), **_gpu_options(args, spec.options),
+                                  **_net_options(args, spec.options)),
         )
         for spec in specs
     )
@@ -259,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "Examples: %(prog)s --domid 1 --socket /run/vhost-blk.sock; "
-            "%(prog)s --domid 1 --device blk:/run/blk.sock --device fs:/run/fs.sock,fs-tag=share"
+            "%(prog)s --domid 1 --device blk:/run/blk.sock --device fs:/run/fs.sock,fs-tag=share. "
+            "Smoke-test a daemon behind a simulated guest: %(prog)s smoke --help"
         ),
     )
     parser.add_argument("--domid", type=_domid, required=True, help="the guest's domain id")
@@ -282,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
             f"a virtio device and its daemon; TYPE is {_type_names()}. One device: "
             "--device TYPE with --socket (default: blk, or generic with --device-id). Several: repeat "
             "--device TYPE:SOCKET, each with its own options mmio-base=ADDR, irq=N, devid=N, fs-tag=TAG, "
-            "device-id=N, queues=N, config-size=N (the flags of those names are for one device only)"
+            "device-id=N, queues=N, config-size=N, mac=MAC, queue-pairs=N, gpu-output=DIR, gpu-resolution=WxH "
+            "(the flags of those names are for one device only)"
         ),
     )
     parser.add_argument(
@@ -291,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help=(
             "guest-physical base of the 0x200-byte virtio-mmio window (default: what libxl recorded in "
-            "xenstore under backend/virtio/DOMID/)"
+            "xenstore under backend/virtio/DOMID/, or backend/virtio_disk/DOMID/ for Xen 4.17's virtio disk line)"
         ),
     )
     parser.add_argument(
@@ -306,6 +375,23 @@ def build_parser() -> argparse.ArgumentParser:
             "virtio-fs: the tag the guest mounts (mount -t virtiofs TAG DIR); virtiofsd has no config space, "
             f"so the bridge supplies it (default: {DeviceOptions().fs_tag})"
         ),
+    )
+    parser.add_argument(
+        "--mac",
+        type=_mac,
+        default=DeviceOptions().mac,
+        metavar="MAC",
+        help=(
+            "virtio-net: the guest's MAC address; the net daemon has no config space, so the bridge supplies it "
+            f"(default: {DeviceOptions().mac}; every net device of a guest needs its own)"
+        ),
+    )
+    parser.add_argument(
+        "--queue-pairs",
+        type=_queue_pairs,
+        metavar="N",
+        help="virtio-net: receive/transmit queue pairs offered the guest (default: all the daemon has, "
+        "GET_QUEUE_NUM; dpdk-testpmd says 128 whatever its queues=)",
     )
     parser.add_argument(
         "--device-id",
@@ -407,15 +493,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for each daemon reply before declaring it broken (default: 5)",
     )
     parser.add_argument(
+        "--gpu-resolution",
+        type=_gpu_resolution,
+        default=DeviceOptions().gpu_resolution,
+        metavar="WxH",
+        help="virtio-gpu: the display mode offered to the guest (GET_DISPLAY_INFO, EDID) (default: 1024x768)",
+    )
+    parser.add_argument(
+        "--gpu-output",
+        type=_gpu_output,
+        metavar="DIR",
+        help=(
+            "virtio-gpu: write PNG snapshots of the scanouts here, on SIGUSR1 and, with --gpu-png-every-flush, "
+            "for every frame the daemon presents"
+        ),
+    )
+    parser.add_argument(
+        "--gpu-png-every-flush", action="store_true", help="virtio-gpu: a PNG in --gpu-output for every frame"
+    )
+    parser.add_argument(
+        "--gpu-cursor", action="store_true", help="virtio-gpu: draw the cursor into the PNGs and the live view"
+    )
+    parser.add_argument(
+        "--gpu-http",
+        type=_gpu_http,
+        metavar="127.0.0.1:PORT",
+        help="virtio-gpu: a live view of the display for a browser, on this loopback address (one gpu device)",
+    )
+    parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="log more (-v: info, -vv: every vhost-user message)"
     )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["smoke"]:
+        # The smoke-test harness for daemon authors (bridge/smoke/).
+        from bridge.smoke.command import main as smoke_main
+
+        return smoke_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     devices = device_configs(args, parser)
+    if args.gpu_png_every_flush and not any(d.options.gpu_output for d in devices):
+        parser.error("--gpu-png-every-flush needs --gpu-output DIR")
+    if args.gpu_http is not None and sum(d.device_type.name == "gpu" for d in devices) != 1:
+        parser.error("--gpu-http serves the live view of exactly one gpu device")
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
     config = BridgeConfig(

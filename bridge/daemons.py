@@ -119,6 +119,112 @@ def start_virtiofsd(
     return _listening_or_stopped(child, socket_path, timeout)
 
 
+VHOST_USER_GPU = "/usr/lib/qemu/vhost-user-gpu"
+
+
+def vhost_user_gpu_argv(socket_path: str, *, extra: Sequence[str] = ()) -> list[str]:
+    """The command line of daemons.md (2D: no --virgl, no render node)."""
+    binary = _require(VHOST_USER_GPU, "qemu-system-gui")
+    return [binary, f"--socket-path={socket_path}", *extra]
+
+
+class VhostUserGpuChild(Child):
+    """vhost-user-gpu as a child. It accepts one connection and exits when
+    that closes, like virtiofsd."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        super().__init__("vhost-user-gpu", argv)
+
+    def wait_exit(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for it to exit by itself; True if it did."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+
+def start_vhost_user_gpu(socket_path: str, *, extra: Sequence[str] = (), timeout: float = 10.0) -> VhostUserGpuChild:
+    """Start vhost-user-gpu listening on ``socket_path`` and wait until it
+    listens (read from /proc/net/unix: it serves one connection, so a probe
+    would use it up). The caller stops it."""
+    child = VhostUserGpuChild(vhost_user_gpu_argv(socket_path, extra=extra))
+    return _listening_or_stopped(child, socket_path, timeout)
+
+
+DPDK_TESTPMD = "/usr/bin/dpdk-testpmd"
+
+
+def dpdk_runtime_dir(file_prefix: str) -> str:
+    """Where DPDK's EAL keeps a process's runtime files (and leaves them):
+    /var/run/dpdk/PREFIX for root, else under $XDG_RUNTIME_DIR or /tmp."""
+    if os.geteuid() == 0:
+        base = "/var/run"
+    else:
+        base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return os.path.join(base, "dpdk", file_prefix)
+
+
+def testpmd_argv(socket_path: str, file_prefix: str, *, queue_pairs: int = 1, mbufs: int = 2048,
+                 extra: Sequence[str] = ()) -> list[str]:
+    """daemons.md's command line, with ``queue_pairs`` forwarding streams:
+    the vhost PMD's queues= and testpmd's --rxq/--txq (io forwarding sends
+    what comes in on receive queue N out on transmit queue N of the same
+    port, so a frame the guest transmits on pair N comes back on pair N).
+    Without --total-num-mbufs it runs out of memory in 256 MiB; without
+    --stats-period it exits at EOF on stdin."""
+    binary = _require(DPDK_TESTPMD, "dpdk-dev")
+    return [
+        binary, "--no-huge", "-m", "256", "--no-pci", "--no-shconf", "--no-telemetry", f"--file-prefix={file_prefix}",
+        "--vdev", f"net_vhost0,iface={socket_path},client=0,queues={queue_pairs}",
+        "--", f"--total-num-mbufs={mbufs}", "--stats-period", "60", f"--rxq={queue_pairs}", f"--txq={queue_pairs}",
+        *extra,
+    ]
+
+
+class TestpmdChild(Child):
+    """dpdk-testpmd as a child: stopping it also removes the runtime
+    directory DPDK leaves behind for its --file-prefix (which this process
+    made unique and checked was absent before the start), and after a
+    SIGKILL the socket file it leaves too (a new testpmd cannot bind over
+    it), and nothing else."""
+
+    def __init__(self, argv: Sequence[str], runtime_dir: str, socket_path: str) -> None:
+        super().__init__("dpdk-testpmd", argv)
+        self.runtime_dir = runtime_dir
+        self.socket_path = socket_path
+
+    def stop(self, grace: float = 5.0) -> int | None:
+        status = super().stop(grace)
+        self._remove_leftovers()
+        return status
+
+    def kill(self) -> None:
+        super().kill()
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        if os.path.exists(self.socket_path) and not is_listening(self.socket_path):
+            try:
+                os.unlink(self.socket_path)
+            except OSError:
+                pass
+
+
+def start_testpmd(socket_path: str, *, queue_pairs: int = 1, extra: Sequence[str] = (),
+                  timeout: float = 30.0) -> TestpmdChild:
+    """Start dpdk-testpmd with a vhost-user server on ``socket_path`` in io
+    forwarding and wait until it listens (it takes seconds: EAL sets up
+    256 MiB of memory first). The caller stops it."""
+    file_prefix = f"xvb-{os.getpid()}-{os.urandom(4).hex()}"
+    runtime_dir = dpdk_runtime_dir(file_prefix)
+    if os.path.exists(runtime_dir):
+        raise FileExistsError(f"DPDK runtime directory {runtime_dir} exists already")
+    argv = testpmd_argv(socket_path, file_prefix, queue_pairs=queue_pairs, extra=extra)
+    return _listening_or_stopped(TestpmdChild(argv, runtime_dir, socket_path), socket_path, timeout)
+
+
 def _listening_or_stopped(child: Child, socket_path: str, timeout: float) -> Child:
     """Wait until the daemon listens on ``socket_path``; stop it if it does
     not. The socket file appears at bind(), before listen(), so the file is
@@ -127,7 +233,7 @@ def _listening_or_stopped(child: Child, socket_path: str, timeout: float) -> Chi
     serve the probe instead of a bridge that is redialling it. So the
     listening state is read from /proc/net/unix."""
     try:
-        child.wait_for(lambda: _listening(socket_path), f"listening on {socket_path}", timeout)
+        child.wait_for(lambda: is_listening(socket_path), f"listening on {socket_path}", timeout)
     except BaseException:
         child.stop()
         raise
@@ -138,7 +244,7 @@ _SO_ACCEPTCON = 0x10000
 """The Flags bit of a listening socket in /proc/net/unix."""
 
 
-def _listening(path: str) -> bool:
+def is_listening(path: str) -> bool:
     """Whether a UNIX socket bound to ``path`` is listening (from
     /proc/net/unix: Num RefCount Protocol Flags Type St Inode Path)."""
     try:

@@ -45,7 +45,10 @@ from bridge.device_types import (
     DeviceType,
     guest_features,
 )
+from bridge.gpu_display import GpuDisplay
+from bridge.gpu_shadow import GPU_CONTROL_QUEUE, GPU_SHADOW_UNSUPPORTED_FEATURES, GpuShadow
 from bridge.memory import OutsideGuestRam, PassthroughMemory, ShadowMemory
+from bridge.served_queue import ServedQueue
 from bridge.shadow_ring import DaemonRingError, GuestRing, RingError, ShadowVirtqueue
 from bridge.virtio_mmio import (
     CONFIG_OFFSET,
@@ -135,6 +138,16 @@ class VhostUserDevice:
         self._guest_kicks: dict[int, int] = {}
         # Shadow memory: index -> the pins of that queue's ring memory.
         self._ring_pins: dict[int, list] = {}
+        # virtio-gpu: the frame sink and the daemon's display channel.
+        self.display: GpuDisplay | None = None
+        if device_type.name == "gpu":
+            # With shadow memory the control queue goes through
+            # bridge.gpu_shadow (see _shadow_ring_setup).
+            self.display = GpuDisplay(options, name=f"gpu-{base:x}", label=socket_path, timeout=timeout,
+                                      on_error=self._fail)
+        # What the bridge serves itself beyond the daemon's rings (virtio-net:
+        # config, features, the control queue).
+        self.emulation = device_type.emulation(options) if device_type.emulation is not None else None
 
     # --- life of the device --------------------------------------------
 
@@ -155,10 +168,14 @@ class VhostUserDevice:
                     len(self.model.queues),
                 )
                 nursery.start_soon(self._watch_daemon)
+                if self.display is not None:
+                    await self.display.start(nursery)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self._close_rings()
+            if self.display is not None:
+                self.display.close()
             if self.frontend is not None:
                 with trio.CancelScope(shield=True):
                     await self.frontend.aclose()
@@ -172,6 +189,7 @@ class VhostUserDevice:
             config_size=self.type.config_size or 0,
             timeout=self.timeout,
             inflight=inflight,
+            rings_per_queue=self.type.rings_per_queue,
         )
         if self.type.config_size is None:
             try:
@@ -191,7 +209,12 @@ class VhostUserDevice:
             why = frontend.failure
             gone = (f"the connection to the daemon was closed: {why}" if why is not None
                     else "the daemon closed its vhost-user connection (it exited or crashed)")
-            if self.reconnect <= 0:
+            if self.reconnect <= 0 or self.display is not None:
+                # virtio-gpu: the guest's resources lived in the daemon that
+                # died; a new one could not resume them (the guest resets).
+                for shadow in self._shadow.values():
+                    if shadow.hook is not None:
+                        shadow.hook.reset()  # what was kept for the daemon (gpu backings)
                 self._daemon_lost = True
                 self._fail(gone)
                 return
@@ -257,19 +280,24 @@ class VhostUserDevice:
         features, memory, rings and eventfds, each ring from where the
         guest's requests still need it."""
         offered = guest_features(frontend.device_features)
+        if self.emulation is not None:
+            offered = self.emulation.offered_features(offered)
         if self.model.device_features & ~offered:
             raise DeviceSetupError(
                 f"the new daemon offers features {offered:#x}, without {self.model.device_features & ~offered:#x} "
                 "that the device already offered the guest"
             )
-        if frontend.num_queues < len(self.model.queues):
-            raise DeviceSetupError(f"the new daemon has {frontend.num_queues} queues, not {len(self.model.queues)}")
+        needed = len(self.model.queues) if self.emulation is None else self.emulation.daemon_rings
+        if frontend.num_queues < needed:
+            raise DeviceSetupError(f"the new daemon has {frontend.num_queues} queues, not {needed}")
         if self.model.update_config(self._config_of(frontend)):
             self.raise_interrupt(INT_CONFIG)
         if not self._rings or self.failed is not None or not self.model.status & DeviceStatus.DRIVER_OK:
             return  # nothing running (or the guest reset it meanwhile): the next DRIVER_OK starts it
         rings = [self._resume_ring(index) for index in sorted(self._rings)]
-        await frontend.start(self.model.driver_features, self.memory.regions, rings)
+        if self.display is not None:
+            await self.display.attach(frontend, self._nursery)
+        await self._start_daemon_rings(frontend, rings)
         for ring in rings:  # requests that waited, or that the old daemon dropped
             os.eventfd_write(ring.kick_fd, 1)
 
@@ -302,12 +330,16 @@ class VhostUserDevice:
         features = guest_features(frontend.device_features)
         if self.memory.mode == "shadow":
             features &= ~SHADOW_UNSUPPORTED_FEATURES
+            if self.type.name == "gpu":
+                features &= ~GPU_SHADOW_UNSUPPORTED_FEATURES  # 3D and blobs: guest memory it does not copy
         if not features >> VIRTIO_F_VERSION_1 & 1:
             raise DeviceSetupError(
                 f"the daemon at {self.socket_path} does not offer VIRTIO_F_VERSION_1, which virtio-mmio version 2 requires"
             )
         if frontend.num_queues < 1:
             raise DeviceSetupError(f"the daemon at {self.socket_path} reports {frontend.num_queues} queues")
+        if self.emulation is not None:
+            return self._build_emulated_model(frontend, features)
         return VirtioMmioModel(
             device_id=self.type.virtio_id,
             vendor_id=VENDOR_ID,
@@ -320,9 +352,77 @@ class VhostUserDevice:
     def _config_of(self, frontend: VhostUserFrontend) -> bytes:
         """The config space the guest sees: the daemon's, or the one the
         bridge supplies for a daemon that has none."""
+        if self.emulation is not None:
+            return self.emulation.config
         if self.type.supplied_config is not None and not frontend.config:
             return self.type.supplied_config(self.options, frontend.num_queues)
+        if self.type.config_overlay is not None:
+            return self.type.config_overlay(frontend.config, self.options)
         return frontend.config
+
+    # --- what the bridge serves itself (virtio-net) ---------------------
+
+    def _build_emulated_model(self, frontend: VhostUserFrontend, features: int) -> VirtioMmioModel:
+        try:
+            features, num_queues, config = self.emulation.setup(
+                features, frontend.num_queues, daemon_mq=bool(frontend.protocol_features & ProtocolFeature.MQ))
+        except ValueError as exc:
+            raise DeviceSetupError(f"the daemon at {self.socket_path} cannot back this device: {exc}") from None
+        return VirtioMmioModel(
+            device_id=self.type.virtio_id,
+            vendor_id=VENDOR_ID,
+            device_features=features,
+            queue_num_max=[self.queue_size] * num_queues,
+            config=config,
+            config_writable=False,
+        )
+
+    async def _start_daemon_rings(self, frontend: VhostUserFrontend, rings: Sequence[RingSetup]) -> None:
+        """frontend.start; with an emulation the daemon is told the driver's
+        features without what the bridge does itself, and only the rings of
+        the active pairs are enabled."""
+        if self.emulation is None:
+            await frontend.start(self.model.driver_features, self.memory.regions, rings)
+            return
+        features = self.emulation.daemon_features(self.model.driver_features, frontend.device_features)
+        await frontend.start(features, self.memory.regions, rings,
+                             enabled=self.emulation.enabled_rings([r.index for r in rings]))
+
+    def _start_emulation(self, ready: list[int]) -> list[int]:
+        """DRIVER_OK: serve the queues that are the bridge's own; return the
+        ready queues that are the daemon's."""
+        emu = self.emulation
+        own = [i for i in ready if emu.is_served_here(i)]
+        queue = None
+        for index in own:
+            q = self.model.queues[index]
+            ram = self.memory.ram
+            if self.memory.mode == "shadow" and hasattr(ram, "pin"):
+                # As for shadow rings: keep the ring's grants mapped while it runs.
+                self._ring_pins[index] = [ram.pin(addr, length) for addr, length in (
+                    (q.desc, split_ring.desc_table_size(q.num)),
+                    (q.driver, split_ring.avail_ring_size(q.num)),
+                    (q.device, split_ring.used_ring_size(q.num)))]
+            features = self.model.driver_features
+            queue = ServedQueue(ram, GuestRing(num=q.num, desc=q.desc, avail=q.driver, used=q.device),
+                                event_idx=bool(features >> VIRTIO_F_EVENT_IDX & 1),
+                                indirect=bool(features >> VIRTIO_F_INDIRECT_DESC & 1))
+        emu.start(queue, self.model.driver_features)
+        return [i for i in ready if not emu.is_served_here(i)]
+
+    async def _serve_here(self, index: int) -> None:
+        """The guest kicked a queue the bridge serves (its vCPU waits)."""
+        try:
+            if await self.emulation.serve(self._enable_rings):
+                self.raise_interrupt(INT_VRING)
+        except RingError as exc:
+            self._fail(f"the guest broke queue {index}: {exc}")
+
+    async def _enable_rings(self, indices: Sequence[int], enable: bool) -> None:
+        running = [i for i in indices if i in self._rings]
+        if running:
+            await self.frontend.set_rings_enabled(running, enable)
+        log.info("virtio-%s: rings %s %s", self.type.name, running, "enabled" if enable else "disabled")
 
     # --- the MMIO window (called by the IOREQ server) -------------------
 
@@ -339,7 +439,7 @@ class VhostUserDevice:
         slow = None
         for effect in effects:
             kind = type(effect)
-            if kind is Kick:
+            if kind is Kick and (self.emulation is None or not self.emulation.is_served_here(effect.queue)):
                 self._kick(effect.queue)
             elif kind is InterruptAck:
                 self._set_line(0)
@@ -374,6 +474,8 @@ class VhostUserDevice:
         except RingError as exc:
             self._fail(f"the guest broke queue {queue}: {exc}")
             return
+        if shadow.hook is not None and shadow.take_interrupt():
+            self.raise_interrupt(INT_VRING)  # chains the hook answered itself
         if wanted:
             os.eventfd_write(self._kick_fds[queue], 1)
 
@@ -443,6 +545,8 @@ class VhostUserDevice:
                             await self._stop_queue(effect.queue)
                         elif kind is QueueEnable:
                             await self._start_queue(effect.queue)
+                        elif kind is Kick:  # a queue the bridge serves itself
+                            await self._serve_here(effect.queue)
                 except (VhostUserError, OutsideGuestRam, RingError, OSError) as exc:
                     self._fail(f"{type(effect).__name__}: {exc}")
                 except trio.TooSlowError:
@@ -494,6 +598,8 @@ class VhostUserDevice:
             arena_gpa=self.memory.regions[0].gpa,
             event_idx=bool(features >> VIRTIO_F_EVENT_IDX & 1),
             indirect=bool(features >> VIRTIO_F_INDIRECT_DESC & 1),
+            hook=(GpuShadow(self.memory.ram, self.memory.arena, self.memory.regions[0].gpa, label=self.socket_path)
+                  if self.type.name == "gpu" and index == GPU_CONTROL_QUEUE else None),
         )
         self._shadow[index] = shadow
         base = self.memory.arena_user_addr
@@ -542,14 +648,19 @@ class VhostUserDevice:
             self._daemon_lost = False
             await self._resume(frontend)
             self._nursery.start_soon(self._watch_daemon)
-        rings = [self._ring_setup(i) for i in self.model.ready_queues()]
+        ready = self.model.ready_queues()
+        if self.emulation is not None:
+            ready = self._start_emulation(ready)
+        rings = [self._ring_setup(i) for i in ready]
         # Kicks go to the new eventfds from now on, even while the daemon is
         # still being told about them: an eventfd keeps its count until the
         # daemon polls it, so no QueueNotify from another vCPU is lost.
         self._publish_kicks()
         for ring in rings:
             self._attach(ring)
-        await self.frontend.start(self.model.driver_features, self.memory.regions, rings)
+        if self.display is not None:
+            await self.display.attach(self.frontend, self._nursery)
+        await self._start_daemon_rings(self.frontend, rings)
         log.info("virtio-%s started: features %#x, rings %s", self.type.name, self.model.driver_features,
                  [r.index for r in rings])
 
@@ -562,8 +673,10 @@ class VhostUserDevice:
             # Stop the daemon's rings whatever broke: after a guest's broken
             # ring the daemon is fine and its rings still run; after the
             # daemon's death this fails at once.
+            if self.emulation is not None:
+                self.emulation.stop()
             if started:
-                await self._drain(started)
+                await self._drain([i for i in started if self.emulation is None or self.emulation.needs_drain(i)])
                 try:
                     bases = await self.frontend.stop(started)
                     log.info("virtio-%s stopped; ring bases %s", self.type.name, bases)
@@ -741,6 +854,8 @@ class VhostUserDevice:
         except VhostUserError as exc:
             self._fail(f"re-reading config after CONFIG_CHANGE_MSG: {exc}")
             return
+        if self.type.config_overlay is not None:
+            config = self.type.config_overlay(config, self.options)
         if self.model.update_config(config):
             self.raise_interrupt(INT_CONFIG)
 

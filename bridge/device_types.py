@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 
+from bridge.net_control import DEFAULT_MAC, NetEmulation
 from vhost_user.protocol import MAX_CONFIG_SIZE
 
 
@@ -26,6 +28,20 @@ class DeviceOptions:
 
     fs_tag: str = "fs0"
     """virtio-fs: the tag the guest mounts (mount -t virtiofs TAG DIR)."""
+    mac: str = DEFAULT_MAC
+    """virtio-net: the MAC address in the config space the bridge supplies."""
+    queue_pairs: int | None = None
+    """virtio-net: receive/transmit pairs offered (None: all the daemon has)."""
+    gpu_resolution: tuple[int, int] = (1024, 768)
+    """virtio-gpu: the display mode offered (GET_DISPLAY_INFO, EDID)."""
+    gpu_output: str | None = None
+    """virtio-gpu: where PNG snapshots go (None: no PNGs)."""
+    gpu_png_every_flush: bool = False
+    """virtio-gpu: write a PNG for every frame the daemon presents."""
+    gpu_cursor: bool = False
+    """virtio-gpu: draw the cursor into the PNGs."""
+    gpu_http: tuple[str, int] | None = None
+    """virtio-gpu: serve a live view on this loopback address."""
 
 
 VIRTIO_FS_TAG_SIZE = 36
@@ -38,6 +54,19 @@ def virtio_fs_config(options: DeviceOptions, num_queues: int) -> bytes:
     if not 0 < len(tag) <= VIRTIO_FS_TAG_SIZE:
         raise ValueError(f"a virtio-fs tag is 1 to {VIRTIO_FS_TAG_SIZE} bytes, not {len(tag)}")
     return tag.ljust(VIRTIO_FS_TAG_SIZE, b"\0") + struct.pack("<I", max(1, num_queues - 1))
+
+
+GPU_NUM_SCANOUTS = 1
+
+
+def virtio_gpu_config(daemon_config: bytes) -> bytes:
+    """struct virtio_gpu_config: le32 events_read, events_clear,
+    num_scanouts, num_capsets. vhost-user-gpu leaves num_scanouts 0: QEMU's
+    front-end owns it and the events (hw/display/vhost-user-gpu.c), and the
+    bridge, which has one display per device, says 1. num_capsets is the
+    daemon's (0 without virgl)."""
+    capsets = struct.unpack_from("<I", daemon_config, 12)[0] if len(daemon_config) >= 16 else 0
+    return struct.pack("<IIII", 0, 0, GPU_NUM_SCANOUTS, capsets)
 
 
 @attrs.frozen
@@ -61,6 +90,18 @@ class DeviceType:
     """The config space the bridge gives the guest itself, from the options
     and the daemon's queue count (for daemons without a config space)."""
 
+    config_overlay: Callable[[bytes, DeviceOptions], bytes] | None = None
+    """The daemon's config space as the guest sees it, with the fields the
+    front-end manages filled in (virtio-gpu: num_scanouts and the events,
+    as QEMU's vhost-user-gpu device does)."""
+
+    emulation: Callable[[DeviceOptions], Any] | None = None
+    """The part of the device the bridge does itself, beyond the daemon's
+    rings (virtio-net: config, features, the control queue; see
+    bridge.net_control.NetEmulation)."""
+    rings_per_queue: int = 1
+    """Rings per queue that GET_QUEUE_NUM counts (net daemons count pairs)."""
+
     def config_write_allowed(self, offset: int, size: int) -> bool:
         return any(start <= offset and offset + size <= start + length for start, length in self.writable_config)
 
@@ -75,10 +116,19 @@ DEVICE_TYPES: dict[str, DeviceType] = {
     # front-end supplies the tag, as QEMU's vhost-user-fs-pci does. Queue 0
     # is hiprio, the rest carry requests.
     "fs": DeviceType("fs", virtio_id=26, config_size=0, default_num_queues=2, supplied_config=virtio_fs_config),
+    # vhost-user-gpu (2D): control and cursor queues; it answers GET_CONFIG
+    # only up to sizeof(struct virtio_gpu_config) = 16 bytes (events_read,
+    # events_clear, num_scanouts, num_capsets), and the driver writes only
+    # events_clear. Its frames come over the display channel
+    # (vhost_user.gpu_display), which the device opens at DRIVER_OK.
+    "gpu": DeviceType("gpu", virtio_id=16, config_size=16, default_num_queues=2, writable_config=((4, 4),),
+                      config_overlay=lambda config, options: virtio_gpu_config(config)),
+    # testpmd's vhost PMD has no config space and serves only the data
+    # rings: the bridge supplies the config and serves the control queue
+    # (bridge.net_control), as QEMU's virtio-net does for vhost-user.
+    "net": DeviceType("net", virtio_id=1, config_size=0, default_num_queues=2, emulation=NetEmulation.from_options,
+                      rings_per_queue=2),
     # Any other device: see generic_device_type.
-    # gpu and net join when the bridge serves them end to end (gpu's
-    # display channel, net's queue pairs); until then the CLI does not
-    # offer them.
 }
 
 MAX_VIRTIO_ID = 0xFFFF  # virtio-mmio DeviceID is 32 bits; ids are assigned below 64

@@ -78,6 +78,15 @@ flight, every shadow descriptor is free and the arena holds any chain that
 ``Arena.fits_ever``. Queues sharing an arena are the caller's business:
 after ``daemon_called`` on one, call ``guest_kicked`` on those ``waiting``.
 
+Hooks. A queue may have a :class:`ChainHook`: a device type's layer that
+sees each chain's request bytes in the arena before the daemon does (and
+may rewrite them, answer the chain itself with :class:`Answered`, or keep
+it waiting with :data:`WAIT`) and its response after the daemon returned
+it. bridge.gpu_shadow is one: virtio-gpu commands name guest pages inside
+the request. A chain the hook answers goes straight to the guest's used
+ring; :meth:`ShadowVirtqueue.take_interrupt` says whether that needs an
+interrupt.
+
 Notifications. The bridge wants every guest kick and every daemon call. It
 never sets VIRTQ_USED_F_NO_NOTIFY in the guest's used ring nor
 VIRTQ_AVAIL_F_NO_INTERRUPT in the shadow available ring; with EVENT_IDX it
@@ -165,6 +174,116 @@ class GuestRing:
     used: int
 
 
+class ChainBytes:
+    """One chain's bytes in the arena, as the daemon sees them: the
+    device-readable *request* (every device-readable buffer, in chain
+    order, as one stream) and the device-writable *response* (likewise).
+    Offsets are in the stream, whatever the buffers' boundaries; a
+    :class:`ChainHook` reads and rewrites them through this.
+
+    Before publication the request is read from ``request``, the bridge's
+    own copy of what the guest gave (the daemon may scribble on the arena
+    at any time), and writes go to both; after the daemon returned the
+    chain there is no such copy and :meth:`read` takes the arena's bytes."""
+
+    __slots__ = ("_buf", "_pieces", "_request", "request_size", "response_size")
+
+    def __init__(self, buf: memoryview, pieces: list[tuple[int, int, int]],
+                 request: bytearray | None = None) -> None:
+        self._buf = buf
+        self._pieces = pieces  # (arena offset, length, device-writable) in chain order
+        self._request = request
+        self.request_size = sum(n for _, n, w in pieces if not w)
+        self.response_size = sum(n for _, n, w in pieces if w)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` request bytes from ``offset`` (ValueError past the end)."""
+        if self._request is not None:
+            if offset < 0 or length < 0 or offset + length > self.request_size:
+                raise ValueError(f"{offset}+{length} is outside the chain's {self.request_size}-byte request")
+            return bytes(self._request[offset:offset + length])
+        out = bytearray()
+        self._io(False, offset, length, out)
+        return bytes(out)
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Rewrite request bytes at ``offset`` (ValueError past the end)."""
+        self._io(False, offset, len(data), memoryview(data))
+        if self._request is not None:
+            self._request[offset:offset + len(data)] = data
+
+    def read_response(self, length: int) -> bytes:
+        """The first ``length`` response bytes (at most the response's size)."""
+        out = bytearray()
+        self._io(True, 0, min(length, self.response_size), out)
+        return bytes(out)
+
+    def write_response(self, data: bytes) -> int:
+        """Write ``data`` at the start of the response, cut to its size;
+        the bytes written."""
+        n = min(len(data), self.response_size)
+        self._io(True, 0, n, memoryview(data)[:n])
+        return n
+
+    def _io(self, writable: bool, offset: int, length: int, data) -> None:
+        size = self.response_size if writable else self.request_size
+        if offset < 0 or length < 0 or offset + length > size:
+            raise ValueError(f"{offset}+{length} is outside the chain's {size}-byte "
+                             f"{'response' if writable else 'request'}")
+        buf = self._buf
+        at = 0  # stream offset of the current piece
+        done = 0
+        for pos, n, w in self._pieces:
+            if bool(w) != writable or not n:
+                continue
+            if at + n > offset and done < length:
+                start = max(offset - at, 0)
+                take = min(n - start, length - done)
+                if isinstance(data, bytearray):
+                    data += buf[pos + start:pos + start + take]
+                else:
+                    buf[pos + start:pos + start + take] = data[done:done + take]
+                done += take
+            at += n
+
+
+@attrs.frozen
+class Answered:
+    """What a :class:`ChainHook` returns to complete a chain itself: the
+    response is written (:meth:`ChainBytes.write_response`) and the chain
+    goes back to the guest with this used length, never to the daemon."""
+
+    used_len: int
+
+
+WAIT = object()
+"""What a :class:`ChainHook` returns when the chain must stay in the
+guest's ring until completions free arena space (it is offered again)."""
+
+
+class ChainHook(Protocol):
+    """A per-queue transformation of the chains that pass through (a device
+    type's knowledge of its requests, e.g. bridge.gpu_shadow). Both calls
+    happen with the chain's bytes in the arena: ``before_publish`` after the
+    guest's request bytes were copied in and before the daemon can see
+    them, ``after_return`` after the daemon returned the chain and before
+    its response is copied to the guest."""
+
+    def before_publish(self, chain: ChainBytes) -> object:
+        """Inspect or rewrite the request. Returns :data:`WAIT`, an
+        :class:`Answered`, or anything else: a cookie given back to
+        ``after_return`` when the daemon returns the chain. Must change no
+        state of its own when it returns WAIT (it is called again)."""
+        ...
+
+    def after_return(self, chain: ChainBytes, used_len: int, cookie: object) -> None: ...
+
+    def reset(self) -> None:
+        """Whatever the daemon held is gone (the queue was reset, the
+        daemon lost): give back what was kept for it."""
+        ...
+
+
 def _no_barrier() -> None:
     return None
 
@@ -200,6 +319,7 @@ class ShadowVirtqueue:
         indirect: bool,
         max_chain: int | None = None,
         barrier: Callable[[], None] | None = None,
+        hook: ChainHook | None = None,
     ) -> None:
         num = ring.num
         if not sr.is_valid_queue_size(num):
@@ -234,6 +354,8 @@ class ShadowVirtqueue:
         self.indirect = indirect
         self.max_chain = max_chain
         self._barrier = barrier if barrier is not None else _no_barrier
+        self.hook = hook
+        """The queue's :class:`ChainHook`, if its device type has one."""
 
         # Guest ring addresses of the fields touched on every pass.
         self._g_avail_idx = ring.avail + sr.AVAIL_IDX
@@ -271,6 +393,7 @@ class ShadowVirtqueue:
         self._h_count = [0] * num  # shadow descriptors in the chain
         self._h_writable = [0] * num  # device-writable bytes of the chain
         self._h_seq = [0] * num  # publication order, for abandoned()/restart()
+        self._h_cookie: list[object] = [None] * num  # the hook's, per chain
         # Scratch space: the chain being walked, the used batch being checked.
         self._w_gpa = [0] * max_chain
         self._w_len = [0] * max_chain
@@ -291,6 +414,7 @@ class ShadowVirtqueue:
         self._free_desc = list(range(self.num - 1, -1, -1))
         for head in range(self.num):
             self._h_in_flight[head] = False
+            self._h_cookie[head] = None
         self._in_flight = 0
         self._seq = 0
         # Guest ring (bridge = device).
@@ -304,6 +428,7 @@ class ShadowVirtqueue:
         self._shadow_last_used = 0  # next shadow used entry to read
         self._stopped = False
         self._broken: str | None = None
+        self._answered_from: int | None = None  # guest used idx before chains the hook answered
         self._zero_shadow_rings()
 
     def _zero_shadow_rings(self) -> None:
@@ -470,13 +595,19 @@ class ShadowVirtqueue:
             return False
         buf = self._buf
         w_gpa, w_len, w_write = self._w_gpa, self._w_len, self._w_write
-        # Device-readable bytes into the arena, every buffer at its place.
+        # Device-readable bytes into the arena, every buffer at its place
+        # (and, for a hook, kept here too: the daemon can write the arena
+        # at any time, so the hook must not take the request from there).
+        request = bytearray() if self.hook is not None else None
         pos = base
         try:
             for k in range(count):
                 length = w_len[k]
                 if length and not w_write[k]:
-                    buf[pos:pos + length] = self._guest.read(w_gpa[k], length)
+                    data = self._guest.read(w_gpa[k], length)
+                    buf[pos:pos + length] = data
+                    if request is not None:
+                        request += data
                 pos += length
         except BaseException as exc:
             arena.free(base)
@@ -484,6 +615,18 @@ class ShadowVirtqueue:
                 raise RingError(f"chain at descriptor {guest_head}: buffer {w_gpa[k]:#x} + {w_len[k]:#x} "
                                 f"is no longer in guest RAM") from exc
             raise
+        cookie = None
+        if self.hook is not None:
+            try:
+                cookie = self.hook.before_publish(self._walked_chain(base, count, request))
+                if type(cookie) is Answered:
+                    self._answer(guest_head, base, count, min(cookie.used_len, writable))
+            except BaseException:
+                arena.free(base)
+                raise
+            if cookie is WAIT or type(cookie) is Answered:
+                arena.free(base)
+                return cookie is not WAIT
         # One direct shadow chain, same order and WRITE flags.
         free = self._free_desc
         desc_offset = self.shadow_desc_offset
@@ -510,11 +653,65 @@ class ShadowVirtqueue:
         self._h_count[head] = count
         self._h_writable[head] = writable
         self._h_seq[head] = self._seq
+        self._h_cookie[head] = cookie
         self._seq += 1
         self._in_flight += 1
         sr.U16.pack_into(buf, self.shadow_avail_offset + sr.avail_ring_entry(self._shadow_avail & self._mask), head)
         self._shadow_avail = (self._shadow_avail + 1) & 0xFFFF
         return True
+
+    def _walked_chain(self, base: int, count: int, request: bytearray) -> ChainBytes:
+        pieces = []
+        pos = base
+        for k in range(count):
+            pieces.append((pos, self._w_len[k], self._w_write[k]))
+            pos += self._w_len[k]
+        return ChainBytes(self._buf, pieces, request)
+
+    def _chain_in_flight(self, head: int) -> ChainBytes:
+        pieces = []
+        pos = self._h_buf[head]
+        desc = head
+        for _ in range(self._h_count[head]):
+            pieces.append((pos, self._d_len[desc], self._d_write[desc]))
+            pos += self._d_len[desc]
+            desc = self._d_next[desc]
+        return ChainBytes(self._buf, pieces)
+
+    def _answer(self, guest_head: int, base: int, count: int, used_len: int) -> None:
+        """The hook answered the walked chain: its response to the guest's
+        buffers, the chain to the guest's used ring, without the daemon."""
+        remaining = used_len
+        pos = base
+        try:
+            for k in range(count):
+                length = self._w_len[k]
+                if self._w_write[k] and length and remaining:
+                    n = min(length, remaining)
+                    self._guest.write(self._w_gpa[k], self._buf[pos:pos + n])
+                    remaining -= n
+                pos += length
+        except OutsideGuestRam as exc:
+            raise RingError(f"device-writable buffer of the chain at descriptor {guest_head} is no longer in "
+                            f"guest RAM") from exc
+        if self._answered_from is None:
+            self._answered_from = self._used
+        sr.USED_ELEM.pack_into(self._elem, 0, guest_head, used_len)
+        self._write_guest(self.ring.used + sr.used_ring_entry(self._used & self._mask), self._elem,
+                          "used ring element")
+        self._used = (self._used + 1) & 0xFFFF
+        self._barrier()  # the used element before the idx
+        sr.U16.pack_into(self._u16, 0, self._used)
+        self._write_guest(self._g_used_idx, self._u16, "used ring idx")
+
+    def take_interrupt(self) -> bool:
+        """After :meth:`guest_kicked`: whether chains the hook answered
+        itself need a guest interrupt (asked once)."""
+        old = self._answered_from
+        if old is None:
+            return False
+        self._answered_from = None
+        return self._need_interrupt(old)
 
     def _walk(self, head: int) -> tuple[int, int, int]:
         """Follow the guest chain at ``head`` into the scratch arrays. Returns
@@ -615,6 +812,7 @@ class ShadowVirtqueue:
             self._collect_used()
             if self.waiting and not self._stopped and self._broken is None:
                 self._publish_available()
+            self._answered_from = None  # the decision below covers chains the hook answered
             return self._need_interrupt(old_used)
         except RingError as exc:
             if self._broken is None:
@@ -681,6 +879,9 @@ class ShadowVirtqueue:
             head = self._u_id[j]
             used_len = self._u_len[j]
             try:
+                if self.hook is not None:
+                    cookie, self._h_cookie[head] = self._h_cookie[head], None
+                    self.hook.after_return(self._chain_in_flight(head), used_len, cookie)
                 try:
                     self._copy_back(head, used_len)
                 except OutsideGuestRam as exc:
@@ -799,6 +1000,8 @@ class ShadowVirtqueue:
             if self._h_in_flight[head]:
                 self._arena.free(self._h_buf[head])
         self._init_state()
+        if self.hook is not None:
+            self.hook.reset()
 
     def close(self) -> None:
         """Reset and give the shadow ring's space back to the arena."""

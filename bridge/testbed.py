@@ -16,7 +16,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from bridge.daemons import start_qemu_storage_daemon, start_vhost_user_gpu, start_virtiofsd
+from bridge.daemons import start_qemu_storage_daemon, start_testpmd, start_vhost_user_gpu, start_virtiofsd
 from bridge.processes import Child, child_env
 from xen.sim.launch import start_simulator
 
@@ -459,6 +459,15 @@ class GpuTestbed(_Testbed):
         names = sorted(n for n in os.listdir(self.output_dir) if n.endswith(".png"))
         return [os.path.join(self.output_dir, n) for n in names]
 
+    def restart_daemon(self) -> Child:
+        """Kill vhost-user-gpu with SIGKILL (a crash) and start a new one
+        on the same socket."""
+        if self.daemon is not None:
+            self.daemon.kill()
+        self.daemon = None
+        self.daemon = start_vhost_user_gpu(self.daemon_socket)
+        return self.daemon
+
     def request_snapshot(self) -> None:
         """Ask the bridge for a PNG of every scanout now (SIGUSR1)."""
         os.kill(self.bridge.pid, signal.SIGUSR1)
@@ -472,4 +481,71 @@ class GpuTestbed(_Testbed):
         return super().start()
 
     def __enter__(self) -> "GpuTestbed":
+        return self.start()
+
+
+class NetTestbed(_Testbed):
+    """dpdk-testpmd (vhost PMD, io forwarding) + simulator + bridge for one
+    virtio-net device: every frame the guest transmits on pair N comes back
+    on pair N's receive queue.
+
+    testpmd forwards ``daemon_pairs`` pairs (its queues=, --rxq, --txq);
+    the bridge offers the guest ``queue_pairs`` (None: what GET_QUEUE_NUM
+    says, 128 for DPDK 22.11). testpmd keeps listening after a front-end
+    goes; :meth:`stop` stops it by PID and removes its runtime directory
+    under /var/run/dpdk (``daemon.runtime_dir``), and only that."""
+
+    device = "net"
+    socket_name = "vhost-net.sock"
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        mac: str = "52:54:00:12:34:56",
+        daemon_pairs: int = 1,
+        queue_pairs: int | None = None,
+        domid: int = 1,
+        vcpus: int = 1,
+        ram_mib: int = 256,
+        placement: str = "xenstore",
+        virtio: str = "net",
+        bridge_extra: Sequence[str] = (),
+        sim_extra: Sequence[str] = (),
+    ) -> None:
+        super().__init__(workdir, domid=domid, vcpus=vcpus, ram_mib=ram_mib, placement=placement, virtio=virtio,
+                         bridge_extra=bridge_extra, sim_extra=sim_extra)
+        self.mac = mac
+        self.daemon_pairs = daemon_pairs
+        self.queue_pairs = queue_pairs
+        self.daemon_output = ""
+        """What testpmd printed, kept after it was stopped."""
+
+    def _start_daemon(self) -> Child:
+        return start_testpmd(self.daemon_socket, queue_pairs=self.daemon_pairs)
+
+    def _device_flags(self) -> list[str]:
+        flags = ["--mac", self.mac]
+        if self.queue_pairs is not None:
+            flags += ["--queue-pairs", str(self.queue_pairs)]
+        return flags
+
+    def _stop_daemon(self, daemon: Child, bridge_was_running: bool) -> None:
+        daemon.stop()
+        self.daemon_output = daemon.output()
+
+    def restart_daemon(self) -> Child:
+        """Kill testpmd with SIGKILL (a crash; its runtime directory is
+        removed) and start a new one on the same socket."""
+        if self.daemon is not None:
+            self.daemon.kill()
+            self.daemon_output = self.daemon.output()
+        self.daemon = None
+        self.daemon = self._start_daemon()
+        return self.daemon
+
+    def start(self) -> "NetTestbed":
+        return super().start()
+
+    def __enter__(self) -> "NetTestbed":
         return self.start()

@@ -362,6 +362,7 @@ class VhostUserFrontend:
         self.has_protocol_features = False
         self.protocol_features = ProtocolFeature(0)
         self.num_queues = 0
+        self._rings_per_queue = 1
         self.max_mem_slots = None
         self.config = b""
         # Virtio features as last sent with SET_FEATURES (with bit 30).
@@ -383,9 +384,15 @@ class VhostUserFrontend:
     async def connect(cls, path: str, *, nursery: trio.Nursery, handler: BackendHandler,
                       default_num_queues: int, config_size: int,
                       timeout: float = DEFAULT_TIMEOUT,
-                      inflight: InflightRegion | None = None) -> VhostUserFrontend:
+                      inflight: InflightRegion | None = None,
+                      rings_per_queue: int = 1) -> VhostUserFrontend:
         """Dial the daemon at ``path`` and run the connect sequence. The
         back-end channel reader (with BACKEND_REQ) runs in ``nursery``.
+
+        ``rings_per_queue``: how many rings each queue GET_QUEUE_NUM counts
+        has (2 for virtio-net, whose daemons count receive/transmit pairs,
+        as QEMU's vhost-user net reads it); ``num_queues`` is then rings,
+        at most the 256 that vhost-user can address.
 
         ``inflight``: a region taken from an earlier front-end of the same
         device (``take_inflight``), to be sent at the next ``start`` in
@@ -400,13 +407,14 @@ class VhostUserFrontend:
         return await cls.from_socket(sock, nursery=nursery, handler=handler,
                                      default_num_queues=default_num_queues,
                                      config_size=config_size, timeout=timeout, label=path,
-                                     inflight=inflight)
+                                     inflight=inflight, rings_per_queue=rings_per_queue)
 
     @classmethod
     async def from_socket(cls, sock: trio.socket.SocketType, *, nursery: trio.Nursery,
                           handler: BackendHandler, default_num_queues: int, config_size: int,
                           timeout: float = DEFAULT_TIMEOUT, label: str = "vhost-user",
-                          inflight: InflightRegion | None = None) -> VhostUserFrontend:
+                          inflight: InflightRegion | None = None,
+                          rings_per_queue: int = 1) -> VhostUserFrontend:
         """Like ``connect`` on an already connected socket (which it takes
         over and closes on failure)."""
         try:
@@ -417,6 +425,7 @@ class VhostUserFrontend:
             sock.close()
             raise
         self = cls(conn, label=label)
+        self._rings_per_queue = rings_per_queue
         if inflight is not None:
             # Reserved for the duration of the handshake: nobody else may
             # take it meanwhile; released again if the handshake fails.
@@ -466,7 +475,7 @@ class VhostUserFrontend:
             if not 1 <= queues <= MAX_QUEUE_NUM:
                 raise self._lie(f"GET_QUEUE_NUM says {queues} queues, a device has "
                                 f"1..{MAX_QUEUE_NUM}")
-            self.num_queues = queues
+            self.num_queues = min(queues * self._rings_per_queue, MAX_RING_INDEX + 1)
         else:
             self.num_queues = default_num_queues
 
@@ -695,11 +704,27 @@ class VhostUserFrontend:
             raise ValueError("SET_CONFIG needs at least one byte")
         await self._command(Step(R.SET_CONFIG, DeviceConfig(offset, len(data), 0, data)))
 
+    # -- vhost-user-gpu
+
+    async def set_gpu_socket(self, fd: int) -> None:
+        """GPU_SET_SOCKET: give a vhost-user-gpu daemon its end of the
+        display channel (vhost_user.gpu_display). QEMU sends it at
+        DRIVER_OK, before SET_FEATURES. The daemon at once asks for the
+        display protocol features on it, so the channel must already be
+        served. vhost-user-gpu takes one such socket per connection and
+        ignores any later one: send it once per connection. The fd stays
+        the caller's."""
+        await self._command(Step(R.GPU_SET_SOCKET, Empty(), (fd,)))
+
     # -- start / stop
 
     async def start(self, features: int, regions: Sequence[MemoryRegionFd],
-                    rings: Sequence[RingSetup]) -> None:
+                    rings: Sequence[RingSetup], *, enabled: Sequence[int] | None = None) -> None:
         """The driver wrote DRIVER_OK: hand features, memory and rings over.
+
+        ``enabled``: the rings that get SET_VRING_ENABLE(1) (default: all of
+        ``rings``); the others stay disabled until ``set_rings_enabled``
+        (virtio-net's pairs beyond the first).
 
         With INFLIGHT_SHMFD the inflight region held goes first (one is
         asked for when none is held, or when the one held was laid out for
@@ -729,7 +754,9 @@ class VhostUserFrontend:
             for step in ring_start_steps(ring):
                 await self._command(step)
         if self._bit30_acked:
-            for step in ring_enable_steps([r.index for r in rings], True):
+            chosen = [r.index for r in rings] if enabled is None else \
+                [r.index for r in rings if r.index in set(enabled)]
+            for step in ring_enable_steps(chosen, True):
                 await self._command(step)
         self._running.update(r.index for r in rings)
         if self.protocol_features & PF.STATUS:
@@ -771,6 +798,19 @@ class VhostUserFrontend:
             for step in ring_enable_steps([ring.index], True):
                 await self._command(step)
         self._running.add(ring.index)
+
+    async def set_rings_enabled(self, ring_indices: Sequence[int], enable: bool) -> None:
+        """SET_VRING_ENABLE on running rings (only with bit 30 acked: rings
+        without it are always enabled and the request is not legal)."""
+        self._check_open()
+        indices = self._check_indices(ring_indices)
+        stopped = [i for i in indices if i not in self._running]
+        if stopped:
+            raise VhostUserError(f"{self.label}: rings {stopped} are not running")
+        if not self._bit30_acked:
+            raise VhostUserError(f"{self.label}: SET_VRING_ENABLE needs VHOST_USER_F_PROTOCOL_FEATURES")
+        for step in ring_enable_steps(indices, enable):
+            await self._command(step)
 
     async def stop_ring(self, index: int) -> int:
         """Stop one ring; returns the index to resume it from."""
