@@ -26,15 +26,14 @@ import logging
 import os
 import random
 import shutil
-import struct
 import sys
 import tempfile
 import time
-import zlib
 
 import attrs
 import trio
 
+from bridge import png
 from bridge.processes import ChildFailed, exit_cleanly_on_sigterm, run_trio
 from bridge.testbed import GpuTestbed
 from xen.sim.gpu_pictures import picture, solid, to_rgb
@@ -55,36 +54,6 @@ class GpuOutcome:
     line: str
     png: str | None
     """The last PNG the bridge wrote (None if none came)."""
-
-
-def read_png_rgb(path: str) -> tuple[int, int, bytes]:
-    """Read back a PNG the bridge wrote (8-bit RGB, every row filter 0, as
-    bridge.png writes them): (width, height, R, G, B bytes). CRCs checked."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError(f"{path}: not a PNG")
-    pos, idat, size = 8, b"", None
-    while pos < len(data):
-        (length,) = struct.unpack_from(">I", data, pos)
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        if zlib.crc32(kind + body) & 0xFFFFFFFF != struct.unpack_from(">I", data, pos + 8 + length)[0]:
-            raise ValueError(f"{path}: bad CRC on {kind!r}")
-        if kind == b"IHDR":
-            w, h, depth, colour = struct.unpack_from(">IIBB", body)
-            if (depth, colour) != (8, 2):
-                raise ValueError(f"{path}: not 8-bit RGB")
-            size = (w, h)
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + length
-    if size is None:
-        raise ValueError(f"{path}: no IHDR")
-    w, h = size
-    raw = zlib.decompress(idat)
-    if any(raw[y * (w * 3 + 1)] for y in range(h)):
-        raise ValueError(f"{path}: a row filter other than 0")
-    return w, h, b"".join(raw[y * (w * 3 + 1) + 1:(y + 1) * (w * 3 + 1)] for y in range(h))
 
 
 def _pngs(frames_dir: str) -> list[str]:
@@ -125,7 +94,7 @@ async def exercise_gpu(transport: VirtioMmioDriver, frames_dir: str, *, seed: in
         last = await _next_png(frames_dir, seen)
         seen += 1
         checked += 1
-        got = await trio.to_thread.run_sync(read_png_rgb, last)
+        got = await trio.to_thread.run_sync(png.read_rgb, last)
         if got != (w, h, to_rgb(bytes(drawn))):
             mismatched += 1
 

@@ -1,7 +1,7 @@
 """End to end: the simulated guest's virtio-gpu 2D driver -> xen-sim -> the
 bridge (its own process, the real CLI, --device gpu) -> the real
 /usr/lib/qemu/vhost-user-gpu -> the display channel -> the PNGs the bridge
-writes, read back with tests/png_decode.py and compared pixel for pixel
+writes, read back with bridge.png's reader and compared pixel for pixel
 with what the guest drew.
 
 The drawing tests run in both memory models: passthrough (the daemon maps
@@ -25,7 +25,7 @@ import trio
 
 from bridge.daemons import start_qemu_storage_daemon, start_vhost_user_gpu
 from bridge.testbed import LIBXL_FIRST_MMIO_BASE, LIBXL_FIRST_SPI, GpuTestbed, start_bridge
-from tests import png_decode
+from bridge import png
 from xen.sim.gpu_pictures import cursor_arrow, picture, solid, to_rgb
 from xen.sim.guest import SimGuest
 from xen.sim.guest_dma import IDENTITY_DMA, dma_for_device
@@ -87,7 +87,7 @@ async def next_png(bed: GpuTestbed, count: int) -> tuple[int, int, bytes]:
         if not bed.bridge.alive():
             raise AssertionError(f"the bridge exited: {bed.bridge.output()}")
         await trio.sleep(0.02)
-    return png_decode.read(bed.pngs()[count - 1])
+    return png.read_rgb(bed.pngs()[count - 1])
 
 
 def patch(rgb: bytes, width: int, x: int, y: int, w: int, h: int, region: bytes) -> bytes:
@@ -325,7 +325,7 @@ async def test_the_bridge_keeps_serving_other_devices_when_the_gpu_daemon_dies(w
                 while not os.listdir(frames):
                     await trio.sleep(0.02)
                 (name,) = os.listdir(frames)
-                assert png_decode.read(os.path.join(frames, name)) == (160, 100, to_rgb(image))
+                assert png.read_rgb(os.path.join(frames, name)) == (160, 100, to_rgb(image))
                 await disk.write(0, b"before" * 512)
                 os.kill(gpu_daemon.pid, signal.SIGKILL)
                 await status_needs_reset_soon(transport)
@@ -380,7 +380,7 @@ async def test_the_live_view_in_a_browser_is_the_png(workdir):
             await gpu.flush(fb)
             first = await next_png(bed, 1)
             shot = await trio.to_thread.run_sync(screenshot, url, 320, 200, workdir, "first")
-            assert png_decode.read(shot) == first
+            assert png.read_rgb(shot) == first
             # a partial update and the cursor: the view shows them as the PNG does
             fb.fill(100, 60, 40, 40, solid(40, 40, (250, 250, 0)))
             cursor = await gpu.create_cursor(cursor_arrow())
@@ -389,7 +389,7 @@ async def test_the_live_view_in_a_browser_is_the_png(workdir):
             second = await next_png(bed, 2)
             assert second != first
             shot = await trio.to_thread.run_sync(screenshot, url, 320, 200, workdir, "second")
-            assert png_decode.read(shot) == second
+            assert png.read_rgb(shot) == second
             await gpu.close()
         for name in ("first.png", "second.png"):
             os.unlink(os.path.join(workdir, name))

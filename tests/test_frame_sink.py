@@ -1,5 +1,5 @@
 """The frame sink (bridge.frame_sink) and its PNG encoder (bridge.png),
-read back with tests/png_decode.py, a reader written from the PNG
+read back with bridge.png's reader, written from the PNG
 specification."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import pytest
 
 from bridge import png
 from bridge.frame_sink import CURSOR_SIZE, FrameSink
-from tests import png_decode
 
 
 def rgb_of(xrgb: bytes) -> bytes:
@@ -26,7 +25,7 @@ def test_png_round_trip(w, h):
     pixels = random.Random(w * h).randbytes(w * h * 3)
     data = png.encode_rgb(w, h, pixels)
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
-    assert png_decode.decode(data) == (w, h, pixels)
+    assert png.decode_rgb(data) == (w, h, pixels)
 
 
 def test_png_refuses_a_wrong_pixel_count():
@@ -48,7 +47,7 @@ def test_png_decoder_undoes_every_filter():
             a = row[i - 3] if i >= 3 else 0
             b = prev[i]
             c = prev[i - 3] if i >= 3 else 0
-            pred = {0: 0, 1: a, 2: b, 3: (a + b) // 2, 4: png_decode._paeth(a, b, c)}[ftype]
+            pred = {0: 0, 1: a, 2: b, 3: (a + b) // 2, 4: png._paeth(a, b, c)}[ftype]
             line[i] = (row[i] - pred) & 0xFF
         raw += bytes([ftype]) + line
         prev = row
@@ -56,7 +55,7 @@ def test_png_decoder_undoes_every_filter():
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
     data = png.SIGNATURE + png._chunk(b"IHDR", ihdr) + png._chunk(b"IDAT", zlib.compress(bytes(raw))) \
         + png._chunk(b"IEND", b"")
-    assert png_decode.decode(data) == (w, h, b"".join(rows))
+    assert png.decode_rgb(data) == (w, h, b"".join(rows))
 
 
 def test_updates_compose_and_a_new_size_starts_black():
@@ -129,13 +128,13 @@ async def test_pngs_on_request_and_on_every_flush(tmp_path):
     await sink.presented(0)
     names = sorted(os.listdir(tmp_path))
     assert names == ["t-scanout0-00001.png", "t-scanout0-00002.png"]
-    assert png_decode.read(str(tmp_path / names[0])) == (6, 5, rgb_of(first))
-    w, h, second = png_decode.read(str(tmp_path / names[1]))
+    assert png.read_rgb(str(tmp_path / names[0])) == (6, 5, rgb_of(first))
+    w, h, second = png.read_rgb(str(tmp_path / names[1]))
     assert second != rgb_of(first) and second[(1 * 6 + 1) * 3:(1 * 6 + 3) * 3] == bytes(6)
     sink.set_scanout(2, 3, 3)
     paths = await sink.snapshot()
     assert [os.path.basename(p) for p in paths] == ["t-scanout0-00003.png", "t-scanout2-00004.png"]
-    assert png_decode.read(paths[1]) == (3, 3, bytes(27))
+    assert png.read_rgb(paths[1]) == (3, 3, bytes(27))
     assert sink.last_png == {0: paths[0], 2: paths[1]}
 
 

@@ -8,7 +8,7 @@ import trio
 
 from bridge.frame_sink import FrameSink
 from bridge.gpu_view import GpuView
-from tests import png_decode
+from bridge import png
 
 
 async def http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -46,7 +46,7 @@ async def test_the_frame_as_png_and_404_while_off(view):
     status, headers, body = await http(view.port, get("/frame.png"))
     assert status == 200 and headers["Content-Type"] == "image/png" and headers["Cache-Control"] == "no-store"
     assert int(headers["Content-Length"]) == len(body)
-    assert png_decode.decode(body) == (4, 3, bytes([3, 2, 1]) * 12)
+    assert png.decode_rgb(body) == (4, 3, bytes([3, 2, 1]) * 12)
     status, headers, body = await http(view.port, get("/frame.png", "HEAD"))
     assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
     status, _, _ = await http(view.port, get("/frame.png?scanout=1"))
