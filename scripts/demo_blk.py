@@ -14,14 +14,13 @@ image file holds exactly that too.
 from __future__ import annotations
 
 import argparse
-import logging
-import random
 import sys
 import tempfile
 
 
 from bridge.blk_workload import WorkloadResult, compare_image, run_blk_workload
-from bridge.processes import ChildFailed, exit_cleanly_on_sigterm, run_trio
+from bridge.processes import ChildFailed, run_trio
+from demo_common import add_common_args, parse
 from bridge.testbed import BlkTestbed
 from xen.sim.guest import SimGuest
 from xen.sim.guest_memory import GuestAllocator
@@ -45,21 +44,10 @@ def add_workload_args(p: argparse.ArgumentParser, *, requests: int = 400, image_
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/demo blk", description=__doc__.split("\n\n")[0])
     add_workload_args(p)
-    p.add_argument("--vcpus", type=int, default=2, help="guest vCPUs issuing requests (default: 2)")
-    p.add_argument(
-        "--memory",
-        choices=("passthrough", "shadow"),
-        default="passthrough",
-        help="the bridge's memory model: the daemon maps guest RAM, or only an arena of in-flight buffers "
-        "(default: passthrough)",
-    )
+    add_common_args(p, memory_help="the bridge's memory model: the daemon maps guest RAM, or only an arena of "
+                    "in-flight buffers")
     p.add_argument("--arena-mib", type=int, default=64, help="shadow arena size in MiB (default: 64)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: a new one, printed)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what the guest's drivers do")
-    args = p.parse_args(argv)
-    if args.seed is None:
-        args.seed = random.randrange(1 << 32)
-    return args
+    return parse(p, argv)
 
 
 async def exercise_blk(transport: VirtioMmioDriver, args: argparse.Namespace, vcpus) -> tuple[dict, WorkloadResult, bytearray]:
@@ -97,8 +85,6 @@ async def guest_program(bed: BlkTestbed, args: argparse.Namespace) -> tuple[dict
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    exit_cleanly_on_sigterm()
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="demo: %(name)s: %(message)s")
     image_size = args.image_mib * MiB
     with tempfile.TemporaryDirectory(prefix="xvb-demo-blk-") as work:
         print(f"demo: seed {args.seed}; starting qemu-storage-daemon on a {args.image_mib} MiB image, xen-sim, xen-vhost-bridge")

@@ -12,7 +12,6 @@ reads exactly what the guest wrote, and the guest's listing is the host's.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import random
 import sys
@@ -20,7 +19,8 @@ import tempfile
 
 import attrs
 
-from bridge.processes import ChildFailed, exit_cleanly_on_sigterm, run_trio
+from bridge.processes import ChildFailed, run_trio
+from demo_common import add_common_args, parse
 from bridge.testbed import FsTestbed
 from xen.sim.guest import SimGuest
 from xen.sim.guest_memory import GuestAllocator
@@ -34,15 +34,8 @@ TAG = "demo-share"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/demo fs", description=__doc__.split("\n\n")[0])
     p.add_argument("--file-mib", type=int, default=4, help="size of the large files each way in MiB (default: 4)")
-    p.add_argument("--vcpus", type=int, default=2, help="guest vCPUs (default: 2)")
-    p.add_argument("--memory", choices=("passthrough", "shadow"), default="passthrough",
-                   help="the bridge's memory model (default: passthrough)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: a new one, printed)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what the guest's drivers do")
-    args = p.parse_args(argv)
-    if args.seed is None:
-        args.seed = random.randrange(1 << 32)
-    return args
+    add_common_args(p)
+    return parse(p, argv)
 
 
 @attrs.frozen
@@ -106,8 +99,6 @@ async def guest_program(bed: FsTestbed, args: argparse.Namespace) -> FsOutcome:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    exit_cleanly_on_sigterm()
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="demo: %(name)s: %(message)s")
     with tempfile.TemporaryDirectory(prefix="xvb-demo-fs-") as work:
         print(f"demo: seed {args.seed}; starting virtiofsd on a temporary directory, xen-sim, xen-vhost-bridge")
         try:
