@@ -3,8 +3,8 @@ pass, and leave nothing behind: each is run small here, as a user would."""
 
 from __future__ import annotations
 
-import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,11 +28,15 @@ SMALL = {
 }
 
 
-def run_demo(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run a demo; one that overruns gets SIGTERM, which it handles by
-    stopping everything it started (SIGKILL would orphan its daemons)."""
+def run_demo(*argv: str, tmpdir: str | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run a demo (with its temporary files under ``tmpdir``); one that
+    overruns gets SIGTERM, which it handles by stopping everything it
+    started (SIGKILL would orphan its daemons)."""
+    env = child_env()
+    if tmpdir is not None:
+        env["TMPDIR"] = tmpdir
     proc = subprocess.Popen([sys.executable, DEMO, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=child_env())
+                            text=True, env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -42,28 +46,25 @@ def run_demo(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def our_leftovers() -> set[str]:
-    tmp = tempfile.gettempdir()
-    return set(glob.glob(os.path.join(tmp, "xvb-demo-*")) + glob.glob(os.path.join(tmp, "xen-vhost-bridge-demo-*")))
-
-
 @pytest.mark.parametrize("device", sorted(SMALL))
 @pytest.mark.parametrize("memory", ["passthrough", "shadow"])
 def test_the_demo_passes_and_cleans_up(device, memory):
-    before = our_leftovers()
+    tmpdir = tempfile.mkdtemp(prefix="xvb-demo-test-")  # the demo's TMPDIR: whatever it leaves shows here
     extra = []
-    if device in ("gpu", "all"):  # the last frame goes where the test says, and is removed
-        png = os.path.join(tempfile.mkdtemp(prefix="xvb-png-"), "frame.png")
+    if device in ("gpu", "all"):  # the last frame goes where the test says
+        png = os.path.join(tmpdir, "frame.png")
         extra = ["--png", png]
-    done = run_demo(device, *SMALL[device], *extra, "--memory", memory, "--seed", "7")
-    if extra:
-        assert os.path.getsize(png) > 0, "the demo names a PNG it did not leave"
-        os.unlink(png)
-        os.rmdir(os.path.dirname(png))
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.rstrip().endswith("demo: PASS")
-    assert "Traceback" not in done.stderr
-    assert our_leftovers() == before
+    try:
+        done = run_demo(device, *SMALL[device], *extra, "--memory", memory, "--seed", "7", tmpdir=tmpdir)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.rstrip().endswith("demo: PASS")
+        assert "Traceback" not in done.stderr
+        if extra:
+            assert os.path.getsize(png) > 0, "the demo names a PNG it did not leave"
+            os.unlink(png)
+        assert os.listdir(tmpdir) == []
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def test_the_demo_names_its_devices_and_refuses_others():
