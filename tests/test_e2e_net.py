@@ -18,6 +18,7 @@ import trio
 from bridge import split_ring as sr
 from bridge.testbed import NetTestbed
 from bridge.virtio_mmio import QUEUE_NOTIFY
+from tests.e2e_helpers import NET_SHADOW_LAP
 from xen.sim.guest import SimGuest
 from xen.sim.guest_memory import GuestAllocator
 from xen.sim.virtio_mmio_driver import VirtioMmioDriver
@@ -61,7 +62,7 @@ STATUS, CTRL_VQ, CTRL_RX, CTRL_VLAN, CTRL_RX_EXTRA, GUEST_ANNOUNCE, CTRL_MAC_ADD
 RING_PACKED = 34
 
 
-@pytest.fixture(params=["passthrough", "shadow"])
+@pytest.fixture(params=["passthrough", pytest.param("shadow", marks=NET_SHADOW_LAP)])
 def memory(request):
     """Every test runs in both memory models."""
     return request.param
@@ -311,6 +312,7 @@ def _region_sizes(testpmd_output: str) -> list[str]:
             if "guest memory region size:" in line]
 
 
+@NET_SHADOW_LAP
 async def test_a_guest_that_gives_grant_references(workdir):
     """virtio = ["net,grant_usage=1"]: every address the guest's driver gives
     is a grant reference (xen-grant-dma), the control queue's too, which the
