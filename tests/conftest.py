@@ -54,3 +54,28 @@ def connect():
     yield open_
     for hv in opened:
         hv.close()
+
+
+@pytest.fixture
+def memfds():
+    """make(size) gives a memfd of that size (guest RAM for a daemon), closed afterwards."""
+    fds = []
+
+    def make(size=4 << 20):
+        fd = os.memfd_create("guest-ram")
+        os.ftruncate(fd, size)
+        fds.append(fd)
+        return fd
+
+    yield make
+    for fd in fds:
+        os.close(fd)
+
+
+@pytest.fixture
+def eventfds():
+    """Eight eventfds (kick and call of four rings), closed afterwards."""
+    fds = [os.eventfd(0) for _ in range(8)]
+    yield fds
+    for fd in fds:
+        os.close(fd)

@@ -5,7 +5,6 @@ driven by the simulated guest's own virtqueue code in a fake RAM."""
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 
@@ -365,29 +364,6 @@ async def test_trio_is_needed_only_by_the_guest_side():
 
 
 # -- what the front-end does for virtio-net (vhost_user.frontend) ------------------
-
-@pytest.fixture
-def memfds():
-    fds = []
-
-    def make(size=4 << 20):
-        fd = os.memfd_create("guest-ram")
-        os.ftruncate(fd, size)
-        fds.append(fd)
-        return fd
-
-    yield make
-    for fd in fds:
-        os.close(fd)
-
-
-@pytest.fixture
-def eventfds():
-    fds = [os.eventfd(0) for _ in range(8)]
-    yield fds
-    for fd in fds:
-        os.close(fd)
-
 
 async def _testpmd_frontend(nursery):
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

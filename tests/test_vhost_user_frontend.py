@@ -266,29 +266,6 @@ GPA = 0x4000_0000
 MiB = 1 << 20
 
 
-@pytest.fixture
-def memfds():
-    fds = []
-
-    def make(size=4 * MiB):
-        fd = os.memfd_create("guest-ram")
-        os.ftruncate(fd, size)
-        fds.append(fd)
-        return fd
-
-    yield make
-    for fd in fds:
-        os.close(fd)
-
-
-@pytest.fixture
-def eventfds():
-    fds = [os.eventfd(0) for _ in range(8)]
-    yield fds
-    for fd in fds:
-        os.close(fd)
-
-
 def region(fd, n=0):
     return MemoryRegionFd(gpa=GPA + n * 4 * MiB, size=4 * MiB, user_addr=USER + n * 4 * MiB,
                           fd=fd, fd_offset=0)
