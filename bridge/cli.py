@@ -22,6 +22,7 @@ from bridge.device import DeviceSetupError
 from bridge.discovery import DiscoveryError
 from bridge.device_types import (
     DEVICE_TYPES,
+    GENERIC,
     MAX_VIRTIO_ID,
     VIRTIO_FS_TAG_SIZE,
     DeviceOptions,
@@ -155,8 +156,6 @@ class DeviceSpec:
 
 _SPEC_OPTIONS = ("mmio-base", "irq", "devid", "fs-tag", "device-id", "queues", "config-size", "gpu-output",
                  "gpu-resolution", "mac", "queue-pairs")
-GENERIC = "generic"
-"""The device type of a daemon the bridge has no name for (--device-id)."""
 _GENERIC_OPTIONS = ("device-id", "queues", "config-size")
 
 

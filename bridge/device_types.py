@@ -131,6 +131,8 @@ DEVICE_TYPES: dict[str, DeviceType] = {
     # Any other device: see generic_device_type.
 }
 
+GENERIC = "generic"
+"""The --device name of a daemon the bridge has no name for (--device-id N)."""
 MAX_VIRTIO_ID = 0xFFFF  # virtio-mmio DeviceID is 32 bits; ids are assigned below 64
 
 

@@ -18,8 +18,7 @@ import sys
 
 import trio
 
-from bridge import device_types
-from bridge.device_types import DEVICE_TYPES
+from bridge.device_types import DEVICE_TYPES, GENERIC
 from bridge.processes import run_trio
 from bridge.smoke.battery import FAILED, SKIPPED, CheckFailed, CheckResult, Progress, run_check
 from bridge.smoke.checks_common import battery_for
@@ -30,8 +29,6 @@ from bridge.smoke.rig import Rig, placeholders_in
 
 PROG = "xen-vhost-bridge smoke"
 MEMORY_CHOICES = ("passthrough", "shadow", "both")
-GENERIC = "generic"
-"""The bridge's --device for a daemon it has no name for (--device-id N)."""
 
 
 def _positive(text: str) -> float:
@@ -98,7 +95,7 @@ def parse_options(argv: list[str] | None) -> tuple[SmokeOptions, argparse.Namesp
     parser = build_parser()
     args = parser.parse_args(argv)
     battery = BATTERIES[args.device]
-    served = set(DEVICE_TYPES) | ({GENERIC} if hasattr(device_types, "generic_device_type") else set())
+    served = {*DEVICE_TYPES, GENERIC}
     if battery.bridge_device not in served:
         parser.error(f"--device {args.device}: this bridge does not serve it yet (it serves "
                      f"{', '.join(sorted(served))})")
