@@ -28,7 +28,6 @@ from bridge.testbed import LIBXL_FIRST_MMIO_BASE, LIBXL_FIRST_SPI, GpuTestbed, s
 from bridge import png
 from xen.sim.gpu_pictures import cursor_arrow, picture, solid, to_rgb
 from xen.sim.guest import SimGuest
-from xen.sim.guest_dma import IDENTITY_DMA, dma_for_device
 from xen.sim.guest_memory import GuestAllocator
 from xen.sim.launch import start_simulator
 from xen.sim.virtio_blk import VirtioBlkDriver
@@ -66,11 +65,7 @@ def bed(workdir, memory):
 
 async def open_gpu(guest: SimGuest, base: int, irq: int, allocator=None) -> tuple[VirtioMmioDriver, VirtioGpuDriver]:
     allocator = allocator or GuestAllocator(guest.ram.base, guest.ram.size)
-    dma = IDENTITY_DMA
-    for device in await guest.devices():
-        if device.base == base:
-            dma = dma_for_device(guest, device)
-    transport = VirtioMmioDriver(None, guest.ram, allocator, base, irq, guest, dma=dma)
+    transport = await VirtioMmioDriver.for_device(guest, allocator, base, irq)
     return transport, await VirtioGpuDriver.open(transport)
 
 

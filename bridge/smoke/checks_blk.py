@@ -16,7 +16,6 @@ import trio
 
 from bridge.smoke.battery import Check, CheckFailed, NotApplicable
 from bridge.smoke.device_battery import DeviceBattery, Opened
-from xen.sim.guest_dma import IDENTITY_DMA, dma_for_device
 from xen.sim.guest_memory import GuestAllocator
 from xen.sim.guest_virtqueue import VirtioDriverError
 from xen.sim.virtio_blk import (
@@ -54,11 +53,7 @@ def _image(rig) -> str | None:
 
 async def open_blk(rig, guest, *, features: int = DEFAULT_FEATURES) -> Opened:
     allocator = GuestAllocator(guest.ram.base, guest.ram.size)
-    dma = IDENTITY_DMA
-    for device in await guest.devices():
-        if device.base == rig.mmio_base:
-            dma = dma_for_device(guest, device)
-    transport = VirtioMmioDriver(None, guest.ram, allocator, rig.mmio_base, rig.irq, guest, dma=dma)
+    transport = await VirtioMmioDriver.for_device(guest, allocator, rig.mmio_base, rig.irq)
     blk = await VirtioBlkDriver.open(transport, features=features)
     return Opened(guest, transport, blk)
 

@@ -13,7 +13,6 @@ import random
 
 from bridge.smoke.battery import Check, CheckFailed
 from bridge.smoke.device_battery import DeviceBattery, Opened
-from xen.sim.guest_dma import IDENTITY_DMA, dma_for_device
 from xen.sim.guest_memory import GuestAllocator
 from xen.sim.guest_virtqueue import VirtioDriverError
 from xen.sim.virtio_fs import VirtioFsDriver
@@ -36,11 +35,7 @@ def _share(rig) -> str | None:
 
 async def open_fs(rig, guest) -> Opened:
     allocator = GuestAllocator(guest.ram.base, guest.ram.size)
-    dma = IDENTITY_DMA
-    for device in await guest.devices():
-        if device.base == rig.mmio_base:
-            dma = dma_for_device(guest, device)
-    transport = VirtioMmioDriver(None, guest.ram, allocator, rig.mmio_base, rig.irq, guest, dma=dma)
+    transport = await VirtioMmioDriver.for_device(guest, allocator, rig.mmio_base, rig.irq)
     fs = await VirtioFsDriver.open(transport)
     return Opened(guest, transport, fs)
 

@@ -22,7 +22,6 @@ from bridge.smoke.battery import Check, CheckFailed
 from bridge.smoke.device_battery import DeviceBattery, Opened
 from bridge.png import PngError, decode_rgb
 from xen.sim.gpu_pictures import picture, to_rgb
-from xen.sim.guest_dma import IDENTITY_DMA, dma_for_device
 from xen.sim.guest_memory import GuestAllocator
 from xen.sim.guest_virtqueue import VirtioDriverError
 from xen.sim.virtio_gpu import VirtioGpuDriver
@@ -44,11 +43,7 @@ def bridge_flags(rig) -> list[str]:
 
 async def open_gpu(rig, guest) -> Opened:
     allocator = GuestAllocator(guest.ram.base, guest.ram.size)
-    dma = IDENTITY_DMA
-    for device in await guest.devices():
-        if device.base == rig.mmio_base:
-            dma = dma_for_device(guest, device)
-    transport = VirtioMmioDriver(None, guest.ram, allocator, rig.mmio_base, rig.irq, guest, dma=dma)
+    transport = await VirtioMmioDriver.for_device(guest, allocator, rig.mmio_base, rig.irq)
     gpu = await VirtioGpuDriver.open(transport)
     return Opened(guest, transport, gpu)
 

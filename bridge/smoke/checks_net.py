@@ -23,7 +23,6 @@ import trio
 from bridge.daemons import dpdk_runtime_dir
 from bridge.smoke.battery import Check, CheckFailed
 from bridge.smoke.device_battery import DeviceBattery, Opened
-from xen.sim.guest_dma import IDENTITY_DMA, dma_for_device
 from xen.sim.guest_memory import GuestAllocator
 from xen.sim.guest_virtqueue import VirtioDriverError
 from xen.sim.virtio_mmio_driver import VirtioMmioDriver
@@ -54,11 +53,7 @@ def after_daemon(values: dict[str, str]) -> None:
 
 async def open_net(rig, guest) -> Opened:
     allocator = GuestAllocator(guest.ram.base, guest.ram.size)
-    dma = IDENTITY_DMA
-    for device in await guest.devices():
-        if device.base == rig.mmio_base:
-            dma = dma_for_device(guest, device)
-    transport = VirtioMmioDriver(None, guest.ram, allocator, rig.mmio_base, rig.irq, guest, dma=dma)
+    transport = await VirtioMmioDriver.for_device(guest, allocator, rig.mmio_base, rig.irq)
     # One pair: a daemon forwards on as many as it was told to (testpmd:
     # --rxq/--txq, default 1), which it does not tell.
     net = await VirtioNetDriver.open(transport, pairs=1)
