@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 
 from bridge.free_ranges import FreeRanges, align_up
 
@@ -51,8 +52,13 @@ class Arena:
     """
 
     def __init__(self, size: int, *, align: int = 64) -> None:
-        if not _is_power_of_two(align):
-            raise ValueError(f"arena alignment must be a power of two, not {align}")
+        if sys.byteorder != "little":
+            # Virtio rings are little-endian and :attr:`u16` stores in the
+            # host's byte order.
+            raise RuntimeError("shadow memory needs a little-endian host")
+        if not _is_power_of_two(align) or align < 2:
+            # At least 2: the arena is also a sequence of 16-bit words.
+            raise ValueError(f"arena alignment must be a power of two of at least 2, not {align}")
         if size <= 0 or size % align:
             raise ValueError(f"arena size must be a positive multiple of {align}, not {size}")
         self.size = size
@@ -66,6 +72,13 @@ class Arena:
             raise
         self.buf = memoryview(self._mmap)
         """The whole arena, writable (``struct.pack_into`` and slicing work on it)."""
+        self.u16 = self.buf.cast("H")
+        """The arena as 16-bit words: ``u16[offset >> 1] = value`` is one
+        aligned 16-bit store, and reading an item one 16-bit load. Ring
+        indices a daemon may be reading at that moment must be written this
+        way: ``struct.pack_into`` first zeroes its target with ``memset`` and
+        only then stores the value, so a daemon that polls the ring (DPDK's
+        vhost PMD does) can read the 0 in between."""
         self.closed = False
         self._free = FreeRanges(0, size)
         self._allocated: dict[int, int] = {}  # offset -> rounded size, buffers
@@ -79,6 +92,7 @@ class Arena:
         if self.closed:
             return
         self.closed = True
+        self.u16.release()
         self.buf.release()
         self._mmap.close()
         os.close(self.fd)

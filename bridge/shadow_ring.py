@@ -99,9 +99,20 @@ an entry published in that window would otherwise get no notification.
 
 Memory ordering. Guest RAM and the arena are shared with other CPUs. Every
 point that needs a barrier calls ``barrier()``: a no-op by default, which
-is enough where stores are not reordered with stores nor loads with loads
-(x86); the shell passes a real one elsewhere. Indices are 16 bits and wrap:
-all index arithmetic is mod 2^16, ring slots are ``idx % num``.
+is enough for publishing where stores are not reordered with stores nor
+loads with loads (x86). The two store-then-load points (the kick decision
+after publishing avail->idx, the used index read again after used_event)
+need store-load order too, which x86 does not promise and Python cannot
+ask for; hundreds of instructions separate the store from the load, and a
+caller that has a real full barrier passes it. Indices are 16 bits and
+wrap: all index arithmetic is mod 2^16, ring slots are ``idx % num``.
+
+Index stores. The daemon may read a shadow index at the very moment the
+bridge stores it (DPDK's vhost PMD polls without pause), so avail->idx,
+the avail ring entries and used_event are written through
+:attr:`bridge.arena.Arena.u16`, one 16-bit store each. ``struct.pack_into``
+zeroes its target before it writes the value: a daemon that read that 0
+as avail->idx saw a whole lap of entries and took stale descriptors.
 
 All per-chain state lives in arrays sized by the queue at construction; a
 request allocates nothing on the bridge's side except the bytes objects
@@ -303,7 +314,7 @@ class ShadowVirtqueue:
     always direct). ``max_chain`` caps the buffer descriptors of one chain
     (default and maximum: the queue size). ``barrier`` is the full memory
     barrier to use between publishing stores and the loads that must follow
-    them (default: none, enough where stores are not reordered, as on x86).
+    them (default: none; see the module's "Memory ordering").
 
     The guest's rings are not touched here; the shadow ring is zeroed.
     """
@@ -349,6 +360,7 @@ class ShadowVirtqueue:
         self._mask = num - 1
         self._arena = arena
         self._buf = arena.buf
+        self._w16 = arena.u16  # index stores the daemon may race with: see Arena.u16
         self.arena_gpa = arena_gpa
         self.event_idx = event_idx
         self.indirect = indirect
@@ -375,11 +387,13 @@ class ShadowVirtqueue:
                 arena.unreserve(offset)
             raise
         self.shadow_desc_offset, self.shadow_avail_offset, self.shadow_used_offset = reserved
-        self._s_avail_idx = self.shadow_avail_offset + sr.AVAIL_IDX
-        self._s_used_event = self.shadow_avail_offset + sr.used_event_offset(num)
-        self._s_used_flags = self.shadow_used_offset + sr.USED_FLAGS
-        self._s_used_idx = self.shadow_used_offset + sr.USED_IDX
-        self._s_avail_event = self.shadow_used_offset + sr.avail_event_offset(num)
+        # Word indices (byte offset / 2) of the shadow fields both sides touch.
+        self._s_avail_idx = (self.shadow_avail_offset + sr.AVAIL_IDX) >> 1
+        self._s_used_event = (self.shadow_avail_offset + sr.used_event_offset(num)) >> 1
+        self._s_used_flags = (self.shadow_used_offset + sr.USED_FLAGS) >> 1
+        self._s_used_idx = (self.shadow_used_offset + sr.USED_IDX) >> 1
+        self._s_avail_event = (self.shadow_used_offset + sr.avail_event_offset(num)) >> 1
+        self._s_avail_ring = (self.shadow_avail_offset + sr.avail_ring_entry(0)) >> 1
 
         # Per shadow descriptor: the guest buffer it stands for, and the link.
         self._d_gpa = [0] * num
@@ -474,7 +488,7 @@ class ShadowVirtqueue:
         """Whether the daemon has completed every chain published to it
         (its used index in the shadow ring reached the published avail
         index), whether or not the bridge has returned them yet."""
-        return sr.U16.unpack_from(self._buf, self._s_used_idx)[0] == self._shadow_avail_published
+        return self._w16[self._s_used_idx] == self._shadow_avail_published
 
     @property
     def free_descriptors(self) -> int:
@@ -517,9 +531,9 @@ class ShadowVirtqueue:
             return False
         self._barrier()  # the avail idx store before reading the daemon's hint
         if self.event_idx:
-            avail_event = sr.U16.unpack_from(self._buf, self._s_avail_event)[0]
+            avail_event = self._w16[self._s_avail_event]
             return sr.vring_need_event(avail_event, new, old)
-        flags = sr.U16.unpack_from(self._buf, self._s_used_flags)[0]
+        flags = self._w16[self._s_used_flags]
         return not flags & sr.VIRTQ_USED_F_NO_NOTIFY
 
     def _publish_available(self) -> None:
@@ -573,7 +587,7 @@ class ShadowVirtqueue:
     def _flush_shadow_avail(self) -> None:
         if self._shadow_avail_published != self._shadow_avail:
             self._barrier()  # descriptors and ring entries before the idx
-            sr.U16.pack_into(self._buf, self._s_avail_idx, self._shadow_avail)
+            self._w16[self._s_avail_idx] = self._shadow_avail
             self._shadow_avail_published = self._shadow_avail
 
     def _publish_chain(self, guest_head: int) -> bool:
@@ -656,7 +670,7 @@ class ShadowVirtqueue:
         self._h_cookie[head] = cookie
         self._seq += 1
         self._in_flight += 1
-        sr.U16.pack_into(buf, self.shadow_avail_offset + sr.avail_ring_entry(self._shadow_avail & self._mask), head)
+        self._w16[self._s_avail_ring + (self._shadow_avail & self._mask)] = head
         self._shadow_avail = (self._shadow_avail + 1) & 0xFFFF
         return True
 
@@ -822,7 +836,7 @@ class ShadowVirtqueue:
     def _collect_used(self) -> None:
         guest_error: RingError | None = None
         while True:
-            used_idx = sr.U16.unpack_from(self._buf, self._s_used_idx)[0]
+            used_idx = self._w16[self._s_used_idx]
             pending = (used_idx - self._shadow_last_used) & 0xFFFF
             if pending:
                 self._barrier()  # read used->idx before the elements it exposes
@@ -837,9 +851,9 @@ class ShadowVirtqueue:
                 break
             # Ask to be called for the next used entry, then look again: the
             # daemon may have added one before it saw used_event.
-            sr.U16.pack_into(self._buf, self._s_used_event, self._shadow_last_used)
+            self._w16[self._s_used_event] = self._shadow_last_used
             self._barrier()
-            if sr.U16.unpack_from(self._buf, self._s_used_idx)[0] == self._shadow_last_used:
+            if self._w16[self._s_used_idx] == self._shadow_last_used:
                 break
         if guest_error is not None:
             raise guest_error
@@ -985,8 +999,7 @@ class ShadowVirtqueue:
                                   nxt if k + 1 < count else 0)
                 addr += length
                 desc = nxt
-            sr.U16.pack_into(buf, self.shadow_avail_offset + sr.avail_ring_entry(self._shadow_avail & self._mask),
-                             head)
+            self._w16[self._s_avail_ring + (self._shadow_avail & self._mask)] = head
             self._shadow_avail = (self._shadow_avail + 1) & 0xFFFF
         self._stopped = False
         self._flush_shadow_avail()

@@ -28,6 +28,17 @@ def test_memfd_is_shared_with_the_mapping(arena):
     assert not os.get_inheritable(arena.fd)
 
 
+def test_u16_is_the_same_memory_as_little_endian_words(arena):
+    """What ring indices are written with: word i is bytes 2i..2i+1, little
+    endian as virtio wants, and the daemon's mapping sees it."""
+    arena.u16[0x802 >> 1] = 0xBEEF
+    assert bytes(arena.buf[0x802:0x804]) == b"\xef\xbe"
+    assert os.pread(arena.fd, 2, 0x802) == b"\xef\xbe"
+    os.pwrite(arena.fd, b"\x34\x12", 0x804)
+    assert arena.u16[0x804 >> 1] == 0x1234
+    assert len(arena.u16) == arena.size // 2
+
+
 def test_close_releases_fd_and_is_idempotent():
     a = Arena(128)
     fd = a.fd
@@ -37,6 +48,8 @@ def test_close_releases_fd_and_is_idempotent():
         os.fstat(fd)
     with pytest.raises(ValueError):
         a.buf[0]
+    with pytest.raises(ValueError):
+        a.u16[0]
 
 
 def test_context_manager_closes():
@@ -45,7 +58,7 @@ def test_context_manager_closes():
     assert a.closed
 
 
-@pytest.mark.parametrize("size, align", [(0, 64), (100, 64), (-64, 64), (4096, 48), (4096, 0)])
+@pytest.mark.parametrize("size, align", [(0, 64), (100, 64), (-64, 64), (4096, 48), (4096, 0), (4095, 1)])
 def test_bad_geometry_is_refused(size, align):
     with pytest.raises(ValueError):
         Arena(size, align=align)
