@@ -225,5 +225,8 @@ def drain_buffered_page(page) -> list[tuple[int, int, int, int]]:
             rd = (rd + 1) & 0xFFFFFFFF
             data |= high << 32
         out.append((req.type, req.addr, req.size, data))
-    struct.pack_into("<I", page, BUF_PAGE_OFF_READ_POINTER, rd)
+    # One 32-bit store: the producer reads read_pointer meanwhile, and
+    # struct.pack_into would zero the field before writing it.
+    with memoryview(page) as view, view.cast("I") as words:
+        words[BUF_PAGE_OFF_READ_POINTER >> 2] = rd
     return out
