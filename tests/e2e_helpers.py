@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import trio
 
 from bridge.blk_workload import SECTOR
@@ -48,12 +47,3 @@ class NoBackendRequests:
 
     def vring_err(self, index: int) -> None:
         pass
-
-
-NET_SHADOW_LAP = pytest.mark.xfail(
-    strict=False,
-    reason="issue 8, open: now and then dpdk-testpmd consumes a whole lap of stale entries on a shadow "
-           "transmit ring; the bridge sees the used index jump, marks the device DEVICE_NEEDS_RESET and the "
-           "guest's frames stop (cause not found yet; passthrough is not affected)",
-)
-"""For virtio-net end-to-end tests under shadow memory, until that is found."""

@@ -13,7 +13,6 @@ import tempfile
 import pytest
 
 from bridge.processes import REPO_ROOT, child_env
-from tests.e2e_helpers import NET_SHADOW_LAP
 
 pytestmark = pytest.mark.e2e
 
@@ -49,9 +48,7 @@ def run_demo(*argv: str, tmpdir: str | None = None, timeout: float = 240) -> sub
 
 @pytest.mark.parametrize("device", sorted(SMALL))
 @pytest.mark.parametrize("memory", ["passthrough", "shadow"])
-def test_the_demo_passes_and_cleans_up(device, memory, request):
-    if memory == "shadow" and device in ("net", "all"):
-        request.applymarker(NET_SHADOW_LAP)
+def test_the_demo_passes_and_cleans_up(device, memory):
     tmpdir = tempfile.mkdtemp(prefix="xvb-demo-test-")  # the demo's TMPDIR: whatever it leaves shows here
     extra = []
     if device in ("gpu", "all"):  # the last frame goes where the test says

@@ -16,7 +16,6 @@ import pytest
 
 from bridge.daemons import VIRTIOFSD_PIDFILE_DIR, dpdk_runtime_dir, start_qemu_storage_daemon
 from bridge.processes import child_env
-from tests.e2e_helpers import NET_SHADOW_LAP
 from bridge import png
 from bridge.smoke import checks_gpu
 from xen.sim.gpu_pictures import picture, to_rgb
@@ -191,7 +190,6 @@ def _dpdk_runs() -> set[str]:
     return {n for n in os.listdir(base) if n.startswith("xvb-smoke-")} if os.path.isdir(base) else set()
 
 
-@NET_SHADOW_LAP  # its shadow half
 def test_passes_against_dpdk_testpmd(workdir):
     before = _dpdk_runs()
     run = smoke(workdir, "--device", "net", "--daemon-cmd", TESTPMD_CMD, "--memory", "both")
