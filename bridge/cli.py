@@ -33,6 +33,7 @@ from bridge.memory import MODES
 from bridge.net_control import MAX_RINGS, parse_mac
 from bridge.split_ring import is_valid_queue_size
 from vhost_user.edid import MAX_ACTIVE as MAX_EDID_ACTIVE
+from vhost_user.frontend import MAPPING_SECONDS_PER_GIB
 from vhost_user.protocol import MAX_CONFIG_SIZE, VhostUserError
 from xen.hypervisor import HypervisorError
 from xen.xenstore import XenStoreError
@@ -489,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_timeout,
         default=5.0,
         metavar="SECONDS",
-        help="how long to wait for each daemon reply before declaring it broken (default: 5)",
+        help="how long to wait for each daemon reply before declaring it broken (default: 5; "
+             f"SET_MEM_TABLE and ADD_MEM_REG get {MAPPING_SECONDS_PER_GIB:g} s more per GiB mapped)",
     )
     parser.add_argument(
         "--gpu-resolution",

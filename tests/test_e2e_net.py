@@ -314,10 +314,10 @@ async def test_guest_ram_in_two_banks_is_two_regions_for_testpmd(workdir):
     layout); in passthrough testpmd maps both (it takes at most 8 regions:
     no CONFIGURE_MEM_SLOTS), and frames flow. testpmd answers SET_MEM_TABLE
     of that much RAM only after seconds (it builds its page table in 4 KiB
-    pages without hugepages: about 8 s here), past the default --timeout."""
+    pages without hugepages: about 8 s here), past the default --timeout
+    of 5 s: the bridge gives a daemon time by the size of what it maps."""
     rng = random.Random(15)
-    with net_testbed(workdir, "passthrough", daemon_pairs=1, ram_mib=3072 + 64,
-                     bridge_extra=["--timeout", "60"]) as bed:
+    with net_testbed(workdir, "passthrough", daemon_pairs=1, ram_mib=3072 + 64) as bed:
         async with guest_net(bed, pairs=1, rx_buffer_size=MRG_BUFFER) as (_transport, net):
             await echo_round(net, range(1), [60, 1514, 3000], rng, 0, expect_buffers=spans)
             await net.close()

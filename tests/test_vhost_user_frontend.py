@@ -31,8 +31,10 @@ from vhost_user import (
 from vhost_user.backend_channel import BackendChannel
 from vhost_user.connection import Connection
 from vhost_user.frontend import (
+    MAPPING_SECONDS_PER_GIB,
     Step,
     memory_slot_steps,
+    memory_table_step,
     ring_start_steps,
 )
 from vhost_user.protocol import (
@@ -748,6 +750,19 @@ def test_memory_slot_steps_remove_before_add():
     assert [(k, s.request) for k, s in steps] == [(("old",), F.REM_MEM_REG),
                                                    (("new",), F.ADD_MEM_REG)]
     assert steps[1][1].fds == (5,)
+
+
+def test_mapping_memory_gets_time_by_its_size():
+    """A daemon may map memory in time linear in its size (testpmd without
+    hugepages takes seconds a GiB): SET_MEM_TABLE and ADD_MEM_REG get
+    MAPPING_SECONDS_PER_GIB a GiB on top of the reply timeout; other
+    requests get nothing extra."""
+    gib = 1 << 30
+    banks = [MemoryRegionFd(gpa=0, size=3 * gib, user_addr=0x1000_0000, fd=5, fd_offset=0),
+             MemoryRegionFd(gpa=8 * gib, size=gib // 2, user_addr=0x9000_0000, fd=6, fd_offset=0)]
+    assert memory_table_step(banks).extra_time == pytest.approx(3.5 * MAPPING_SECONDS_PER_GIB)
+    steps = memory_slot_steps({("a",): banks[0], ("b",): banks[1]}, {("old",): MemoryRegion(0, gib, 0, 0)})
+    assert [s.extra_time for _, s in steps] == [0.0, 3 * MAPPING_SECONDS_PER_GIB, MAPPING_SECONDS_PER_GIB / 2]
 
 
 # -- back-end channel, through the front-end

@@ -119,6 +119,12 @@ MAX_QUEUE_NUM = 0x8000
 
 _DESC_SIZE = 16
 
+MAPPING_SECONDS_PER_GIB = 4.0
+"""Time a daemon gets, on top of the reply timeout, per GiB of memory it is
+asked to map (SET_MEM_TABLE, ADD_MEM_REG). Mapping is linear in the size
+for some: dpdk-testpmd without hugepages answers SET_MEM_TABLE for 3 GiB
+after about 8 s here, while most daemons answer at once."""
+
 
 def _nonneg(limit: int):
     def validate(instance: object, attribute: attrs.Attribute, value: object) -> None:
@@ -171,11 +177,18 @@ class RingSetup:
 
 @attrs.frozen
 class Step:
-    """One request of a planned sequence."""
+    """One request of a planned sequence. ``extra_time``: seconds the
+    daemon gets for its reply on top of the connection's timeout."""
 
     request: FrontendRequest
     payload: object = Empty()
     fds: tuple[int, ...] = ()
+    extra_time: float = 0.0
+
+
+def mapping_time(size: int) -> float:
+    """Extra reply time for a daemon to map ``size`` bytes of memory."""
+    return MAPPING_SECONDS_PER_GIB * size / (1 << 30)
 
 
 class _Custody:
@@ -281,14 +294,15 @@ def memory_slot_steps(wanted: dict[RegionKey, MemoryRegionFd],
     with the key of the region it removes or adds."""
     steps = [(key, Step(R.REM_MEM_REG, SingleMemoryRegion(region)))
              for key, region in known.items() if key not in wanted]
-    steps += [(key, Step(R.ADD_MEM_REG, SingleMemoryRegion(region.wire()), (region.fd,)))
+    steps += [(key, Step(R.ADD_MEM_REG, SingleMemoryRegion(region.wire()), (region.fd,),
+                         extra_time=mapping_time(region.size)))
               for key, region in wanted.items() if key not in known]
     return steps
 
 
 def memory_table_step(regions: Sequence[MemoryRegionFd]) -> Step:
     return Step(R.SET_MEM_TABLE, MemoryTable(r.wire() for r in regions),
-                tuple(r.fd for r in regions))
+                tuple(r.fd for r in regions), extra_time=mapping_time(sum(r.size for r in regions)))
 
 
 def ring_extents(ring: RingSetup, packed: bool) -> list[tuple[str, int, int]]:
@@ -610,7 +624,9 @@ class VhostUserFrontend:
         try:
             return await self._conn.transact(step.request, payload, step.fds,
                                              need_reply=need_reply,
-                                             max_reply_fds=max_reply_fds)
+                                             max_reply_fds=max_reply_fds,
+                                             timeout=(self._conn.timeout + step.extra_time
+                                                      if step.extra_time else None))
         except (ProtocolError, DaemonTimeout, ConnectionLost) as e:
             self._give_up(e)
             raise
