@@ -104,8 +104,9 @@ loads with loads (x86). The two store-then-load points (the kick decision
 after publishing avail->idx, the used index read again after used_event)
 need store-load order too, which x86 does not promise and pure Python has
 no portable way to ask for; hundreds of instructions separate the store
-from the load, and a caller that has a real full barrier passes it. Indices are 16 bits and
-wrap: all index arithmetic is mod 2^16, ring slots are ``idx % num``.
+from the load, and a caller that has a real full barrier passes it.
+Indices are 16 bits and wrap: all index arithmetic is mod 2^16, ring slots
+are ``idx % num``.
 
 Index stores. The daemon may read a shadow index at the very moment the
 bridge stores it (DPDK's vhost PMD polls without pause), so avail->idx,
