@@ -373,3 +373,61 @@ async def test_shutdown_completes_a_slot_still_held_by_a_slow_access():
     slot = xen.slot(0)
     assert slot.state == abi.IoreqState.IORESP_READY and slot.data == 0xFFFFFFFF
     assert xen.evtchn.notified == [LOCAL_PORT_BASE]
+
+
+class TaskSteps(trio.abc.Instrument):
+    """Counts the steps each task takes."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, int] = {}
+
+    def before_task_step(self, task) -> None:
+        self.steps[task.name] = self.steps.get(task.name, 0) + 1
+
+
+async def test_while_trio_sleeps_ioreqs_are_served_without_a_task_switch(served):
+    """When trio has nothing to run it would sleep in its epoll; the event
+    channel is then served from the run loop itself (the instrument of
+    xen.ioreq_server), so an access wakes no task at all. With the trio this
+    project installs, that path must be the one taken."""
+    xen, _regs, _server = served
+    steps = TaskSteps()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        done = trio.Event()
+
+        def guest() -> None:  # another thread: trio is asleep meanwhile
+            for vcpu in range(4):
+                xen.post(vcpu, addr=BASE + 4 * vcpu, size=4, is_read=True)
+                while xen.slot(vcpu).state != abi.IoreqState.IORESP_READY:
+                    pass
+            trio.from_thread.run_sync(done.set)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, guest)
+            with trio.fail_after(5):
+                await done.wait()
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert [xen.slot(v).data for v in range(4)] == [0x1000, 0x1004, 0x1008, 0x100C]
+    assert not [name for name in steps.steps if "IoreqServer" in name]
+
+
+async def test_a_deferred_completion_wakes_trio_at_once(served):
+    """An access answered by an awaitable becomes a task; trio, about to
+    sleep until its next deadline, must run it now rather than then."""
+    xen, regs, _server = served
+    regs.gate = trio.Event()
+    regs.gate.set()  # the slow read finishes as soon as its task runs
+    notified = trio.Event()
+    notify = xen.evtchn.notify
+
+    def notify_and_tell(port: int) -> None:
+        notify(port)
+        notified.set()
+
+    xen.evtchn.notify = notify_and_tell
+    with trio.fail_after(5):  # the only deadline: trio would sleep 5 s
+        xen.post(2, addr=BASE + 0x20, size=4, is_read=True)
+        await notified.wait()
+    assert xen.slot(2).data == 0xABCD and xen.evtchn.notified == [LOCAL_PORT_BASE + 2]
