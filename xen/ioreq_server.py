@@ -175,6 +175,7 @@ class IoreqServer:
         self._pages: IoreqPages | None = None
         self._page = None
         self._evtchn: EventChannel | None = None
+        self._together = None  # the channel's unmask_and_notify, where it has one
         self._port_vcpu: dict[int, int] = {}
         self._vcpu_port: list[int] = []
         self._nursery: trio.Nursery | None = None
@@ -207,6 +208,9 @@ class IoreqServer:
         self._page = self._pages.ioreq
         hv.set_ioreq_server_state(self.server_id, True)
         self._evtchn = hv.open_event_channel()
+        # Unmasks and notifies of a batch in one call where offered (see
+        # the module's docstring).
+        self._together = getattr(self._evtchn, "unmask_and_notify", None)
         for vcpu in range(self.nr_vcpus):
             remote = struct.unpack_from("<I", self._page, vcpu * abi.IOREQ_SIZE + abi.OFF_VP_EPORT)[0]
             local = self._evtchn.bind_interdomain(hv.domid, remote)
@@ -256,6 +260,7 @@ class IoreqServer:
                          f" ({', '.join(failed)} failed)" if failed else "")
         self.server_id = None
         self._evtchn = None
+        self._together = None
         self._pages = None
         self._page = None
         self.fast_path = None
@@ -292,9 +297,7 @@ class IoreqServer:
         port_vcpu = self._port_vcpu
         service = self._service
         read_pending = evtchn.read_pending
-        # Unmasks and notifies of a batch in one call where offered (see
-        # the module's docstring).
-        together = getattr(evtchn, "unmask_and_notify", None)
+        together = self._together
         done = self._done_ports
         for _ in range(BATCHES_PER_WAKEUP):
             ports = read_pending()
@@ -498,16 +501,12 @@ class _IdleServing(trio.abc.Instrument):
             raise
 
     def _serve(self, timeout: float) -> None:
-        serve = self._server._serve_pending
-        if timeout <= 0:
-            serve()
-            self._wake_trio_if_needed()
-            return
+        serve, poll, fd = self._server._serve_pending, self._epoll.poll, self._fd
         deadline = time.monotonic() + timeout
-        poll, fd = self._epoll.poll, self._fd
+        trio_ready = False
         while True:
-            serve()
-            if self._wake_trio_if_needed():
+            serve()  # what is pending, and what came with trio's own events
+            if self._wake_trio_if_needed() or trio_ready:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -515,11 +514,7 @@ class _IdleServing(trio.abc.Instrument):
             events = poll(remaining)
             if not events:
                 return
-            for ready, _ in events:
-                if ready != fd:
-                    serve()  # the ioreqs that came with it first
-                    self._wake_trio_if_needed()
-                    return
+            trio_ready = any(ready != fd for ready, _ in events)
 
     def _wake_trio_if_needed(self) -> bool:
         """Serving may have made a task runnable (a deferred completion, a
