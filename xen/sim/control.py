@@ -40,8 +40,8 @@ boundaries:
 
 The guest's control connection also takes requests after ``hello``: the
 guest-role ops of :data:`REQUESTS` (``devices``, ``grant_access``,
-``grant_access_seq``, ``end_access``); a device model's connection takes
-every other op.
+``grant_access_seq``, ``end_access``, ``vcpu_loop``); a device model's
+connection takes every other op.
 
 The JSON codec and the validation are pure; the send/receive helpers come in
 a blocking flavour (plain ``socket``) and a trio flavour.
@@ -208,6 +208,12 @@ reply must fit one control message)."""
 
 XS_HANDLE = Field(int, U32)
 
+GUEST_LOOP_MAX_VCPUS = 128
+"""vCPUs of an Arm guest (GUEST_MAX_VCPUS), the most a vcpu_loop names."""
+GUEST_LOOP_MAX_PAIRS = 2048
+"""Most (vCPU, address) pairs of one vcpu_loop (64 vCPUs x 16 devices and
+their rotation fit; the request must fit one control message)."""
+
 PRIVCMD_MAX_IOEVENTFD_VCPUS = 4096
 """privcmd_ioeventfd_assign()'s limit on the vCPUs (ports) of one ioreq page."""
 
@@ -329,6 +335,26 @@ REQUESTS: dict[str, dict[str, Field]] = {
     },
     # gnttab_end_foreign_access_ref(): EINVAL for a ref not in use.
     "end_access": {"ref": Field(int, U32)},
+    # vCPUs running a load loop in the simulator, as a guest's instruction
+    # loop runs where Xen runs its vCPU (xen.sim.vcpu_loop): vCPU vcpus[k]
+    # loads size bytes from addrs[k] again and again for ms milliseconds,
+    # each access trapping as one from the trap socket. Concurrently (the
+    # vCPUs all different, one access in flight each) or one_at_a_time
+    # (one access in flight, walking the (vcpu, addr) pairs cyclically).
+    # Replies {accesses, ns (the time taken)} and one fd: a memfd of each
+    # access's latency in ns (u64, little-endian, in completion order).
+    # An access that fails ends the loop and the reply is that error (EIO),
+    # except a data abort with aborts_expected. EBUSY for a vCPU in the
+    # middle of an access; the vCPUs' trap sockets refuse accesses while
+    # the loop runs.
+    "vcpu_loop": {
+        "vcpus": IntListField((0, GUEST_LOOP_MAX_VCPUS - 1), GUEST_LOOP_MAX_PAIRS),
+        "addrs": IntListField(U64, GUEST_LOOP_MAX_PAIRS),
+        "size": Field(int, U8),
+        "ms": Field(int, U32),
+        "one_at_a_time": Field(bool, required=False),
+        "aborts_expected": Field(bool, required=False),
+    },
 }
 
 _COMMON_FIELDS = {"op", "seq"}

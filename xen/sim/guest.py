@@ -23,12 +23,13 @@ addressed the way Linux's xen-grant-dma addresses it).
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno as errno_module
 import logging
 import mmap
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import trio
 
@@ -393,27 +394,74 @@ class SimGuest:
     async def _request(self, op: str, **fields) -> dict:
         """One guest-role request and its reply (one at a time; a reply left
         behind by a cancelled request is skipped by its seq)."""
+        reply, fds = await self._request_with_fds(op, 0, **fields)
+        return reply
+
+    async def _request_with_fds(self, op: str, max_fds: int, **fields) -> tuple[dict, list[int]]:
+        """:meth:`_request`, and the fds that came with a successful reply
+        (the caller closes them)."""
         async with self._request_lock:
             self._request_seq += 1
             seq = self._request_seq
             try:
                 await control.trio_send_message(self._control, {"op": op, "seq": seq, **fields})
                 while True:
-                    received = await control.trio_recv_message(self._control, max_fds=0)
+                    received = await control.trio_recv_message(self._control, max_fds=max_fds)
                     if received is None:
                         raise HypervisorError(f"{op}: the Xen simulator closed the guest's connection (did it exit?)")
                     if received.error is not None:
+                        control.close_fds(received.fds)
                         raise HypervisorError(f"{op}: unreadable reply from the Xen simulator: {received.error}")
                     reply = received.message
                     if reply.get("seq") == seq:
                         break
+                    control.close_fds(received.fds)
             except OSError as exc:
                 raise HypervisorError(f"{op}: lost the Xen simulator ({exc.strerror or exc})") from None
         if reply.get("ok") is not True:
+            control.close_fds(received.fds)
             err = control.errno_from_name(reply.get("errno"))
             suffix = f" ({errno_module.errorcode[err]})" if err is not None else ""
             raise GuestRequestError(f"{op}: {reply.get('error', reply)}{suffix}", err)
-        return reply
+        return reply, received.fds
+
+    async def vcpu_loop(
+        self,
+        plan: Sequence[tuple[int, int]],
+        seconds: float,
+        *,
+        size: int = 4,
+        one_at_a_time: bool = False,
+        aborts_expected: bool = False,
+    ) -> tuple[list[int], float]:
+        """Have vCPUs run a load loop in the simulator, where Xen runs a
+        vCPU (``xen.sim.vcpu_loop``): each (vCPU index, address) of
+        ``plan`` loads ``size`` bytes again and again for ``seconds``, all
+        at once or ``one_at_a_time``. Returns every access's latency (ns)
+        and the time taken (s). A failed access raises GuestRequestError
+        with its explanation."""
+        ms = max(1, round(seconds * 1000))
+        reply, fds = await self._request_with_fds(
+            "vcpu_loop",
+            1,
+            vcpus=[vcpu for vcpu, _ in plan],
+            addrs=[addr for _, addr in plan],
+            size=size,
+            ms=ms,
+            one_at_a_time=one_at_a_time,
+            aborts_expected=aborts_expected,
+        )
+        if len(fds) != 1:
+            control.close_fds(fds)
+            raise HypervisorError(f"vcpu_loop: the simulator sent {len(fds)} fds (expected 1, the latencies)")
+        samples = array.array("Q")
+        with open(fds[0], "rb") as f:
+            f.seek(0)  # the simulator's write left the shared offset at the end
+            data = f.read()
+        samples.frombytes(data[: len(data) - len(data) % samples.itemsize])
+        if len(samples) != reply["accesses"]:
+            raise HypervisorError(f"vcpu_loop: {len(samples)} latencies for {reply['accesses']} accesses")
+        return samples.tolist(), reply["ns"] / 1e9
 
     async def devices(self) -> list[VirtioMmioDevice]:
         """The virtio-mmio devices of the guest's device tree, as libxl laid

@@ -58,7 +58,9 @@ libxl write: dom0's and the guest's domid and name, the guest's memory
 (xl.cfg syntax, ``type=virtio,device<hex>[,grant_usage=0|1][,backend=N]``,
 or ``blk``/``gpu``/``fs``/``net``), libxl's backend and frontend keys of
 a virtio-mmio device at 0x2000000 + 0x200 * devid, SPI 33 + devid. The
-guest reads its device tree with the guest-role op ``devices``. Guest
+guest reads its device tree with the guest-role op ``devices``; with
+``vcpu_loop`` its vCPUs run a load loop here, in the simulator, as Xen
+runs a vCPU (``xen.sim.vcpu_loop``: the benchmark's round trips). Guest
 memory through the Hypervisor interface: ``map_foreign`` (privcmd foreign
 mapping: every frame must be RAM of one bank, else EINVAL naming the first
 bad gfn) and ``map_grant_refs`` (gntdev: active grants to dom0 only) reply
@@ -135,6 +137,8 @@ import trio
 from xen import abi
 from xen.sim import control
 from xen.sim import xenstore as sim_xenstore
+from xen.sim.vcpu_loop import MAX_MS as VCPU_LOOP_MAX_MS
+from xen.sim.vcpu_loop import VcpuLoop
 from xen.sim.control import (
     EVTCHN_OP_NOTIFY,
     EVTCHN_OP_UNMASK,
@@ -714,6 +718,7 @@ class Vcpu:
         "size",
         "is_read",
         "hung_reported",
+        "program",
     )
 
     def __init__(self, index: int) -> None:
@@ -730,12 +735,16 @@ class Vcpu:
         self.size = 0
         self.is_read = False
         self.hung_reported = False
+        self.program: VcpuLoop | None = None  # a vcpu_loop running on this vCPU
 
     def answer(self, status: int, data: int, message: str) -> None:
         """Answer the guest's current access (once)."""
         if not self.answer_due:
             return
         self.answer_due = False
+        if self.program is not None:
+            self.program.answered(self, status, message)
+            return
         outbox = self.outbox
         if outbox is None:
             return
@@ -1344,7 +1353,7 @@ class Toolstack:
         raise XenError(
             errno.EINVAL,
             f"op {op!r} is not available to the guest: its connection takes no requests after hello "
-            "but devices, grant_access, grant_access_seq and end_access",
+            "but devices, grant_access, grant_access_seq, end_access and vcpu_loop",
         )
 
 
@@ -1703,6 +1712,14 @@ class GuestAttachment:
                 return
             if n == 0:
                 poller.remove(sock)  # the guest closed it
+                return
+            if vcpu.program is not None:
+                # The vCPU is running the guest's vcpu_loop: this access
+                # cannot be taken, and must not disturb the loop.
+                seq = unpack(buf)[3] if n == request_size else 0
+                message = f"vCPU {vcpu.index} is running a vcpu_loop; access it once the loop has ended".encode()
+                if vcpu.outbox is not None:
+                    vcpu.outbox.send(TRAP_REPLY.pack(TRAP_BAD_REQUEST, 0, 0, seq, 0) + message)
                 return
             vcpu.answer_due = True
             if n != request_size:
@@ -2281,6 +2298,13 @@ class Simulator:
                     received = await control.trio_recv_message(sock, max_fds=0)
                     if received is None:
                         break
+                    if received.error is None and received.message.get("op") == "vcpu_loop":
+                        reply, fds = await self._vcpu_loop(received.message)
+                        try:
+                            await self._reply(sock, reply, received.message, fds)
+                        finally:
+                            control.close_fds(fds)
+                        continue
                     await self._reply(sock, self._guest_request(received), received.message)
                 nursery.cancel_scope.cancel()
         finally:
@@ -2293,6 +2317,61 @@ class Simulator:
             guest.close()
             guest.detached.set()
             log.info("guest detached")
+
+    async def _vcpu_loop(self, request: dict) -> tuple[dict, list[int]]:
+        """The guest-role op vcpu_loop (``xen.sim.vcpu_loop``): the reply,
+        and a memfd of the accesses' latencies (u64 ns each)."""
+        try:
+            _op, args = control.validate_request(request)
+            loop = self._make_vcpu_loop(args)
+        except ProtocolError as exc:
+            return error_reply(str(exc), errno.EBADMSG), []
+        except XenError as exc:
+            return error_reply(str(exc), exc.errno), []
+        loop.start()
+        try:
+            await loop.done.wait()
+        finally:
+            loop.stop()
+        if loop.error is not None:
+            return error_reply(f"vcpu_loop: {loop.error}", errno.EIO), []
+        fd = os.memfd_create("xen-sim vcpu_loop latencies", os.MFD_CLOEXEC)
+        try:
+            with open(fd, "wb", closefd=False) as f:
+                f.write(loop.samples.tobytes())
+        except BaseException:
+            os.close(fd)
+            raise
+        log.debug("vcpu_loop: %d accesses in %.3f s", len(loop.samples), loop.elapsed_ns / 1e9)
+        return ok_reply(accesses=len(loop.samples), ns=loop.elapsed_ns), [fd]
+
+    def _make_vcpu_loop(self, args: dict) -> VcpuLoop:
+        domain = self.domain
+        vcpus, addrs = args["vcpus"], args["addrs"]
+        if len(vcpus) != len(addrs):
+            raise XenError(errno.EINVAL, f"vcpu_loop: {len(vcpus)} vCPUs but {len(addrs)} addresses (one each)")
+        if args["size"] not in SIZE_MASKS:
+            raise XenError(errno.EINVAL, f"vcpu_loop: size {args['size']} is not 1, 2, 4 or 8")
+        if not 1 <= args["ms"] <= VCPU_LOOP_MAX_MS:
+            raise XenError(errno.EINVAL, f"vcpu_loop: ms {args['ms']} is not in [1, {VCPU_LOOP_MAX_MS}]")
+        one_at_a_time = args.get("one_at_a_time", False)
+        if not one_at_a_time and len(set(vcpus)) != len(vcpus):
+            raise XenError(errno.EINVAL, "vcpu_loop: a vCPU is listed twice (each runs one loop; use one_at_a_time)")
+        for index in vcpus:
+            if index >= domain.nr_vcpus:
+                raise XenError(errno.EINVAL, f"vcpu_loop: domain {domain.domid} has no vCPU {index} ({domain.nr_vcpus} vCPUs)")
+            vcpu = domain.vcpus[index]
+            if vcpu.answer_due or vcpu.program is not None:
+                raise XenError(errno.EBUSY, f"vcpu_loop: vCPU {index} is in the middle of an access")
+        plan = [(domain.vcpus[index], addr) for index, addr in zip(vcpus, addrs)]
+        return VcpuLoop(
+            domain.access,
+            plan,
+            args["size"],
+            args["ms"],
+            one_at_a_time=one_at_a_time,
+            aborts_expected=args.get("aborts_expected", False),
+        )
 
     def _guest_request(self, received: control.Received) -> dict:
         """The reply to one request on the guest's connection after hello:
