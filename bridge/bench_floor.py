@@ -35,6 +35,11 @@ class Floor:
         self._echo = subprocess.Popen(argv, env=child_env(), stdin=subprocess.DEVNULL,
                                       pass_fds=self._req + self._resp, start_new_session=True)
 
+    @property
+    def echo_pid(self) -> int:
+        """The echoing child's PID (for its CPU time)."""
+        return self._echo.pid
+
     def stop(self) -> None:
         """Stop the echoing child by its PID and close the eventfds."""
         if self._echo.poll() is None:

@@ -1,72 +1,41 @@
 """Register round trips: vCPUs of the simulated guest reading a plain
 register (MagicValue) through the bridge, against the floor
 (bridge.bench_floor); and the same reads spread over many vCPUs and
-devices for the scale measurement."""
+devices for the scale measurement.
+
+The vCPUs run their load loop in the simulator (the guest-role op
+``vcpu_loop``, ``xen.sim.vcpu_loop``), where Xen runs a vCPU: each access
+takes the whole trap path (ioreq slot, event channel to the bridge, the
+bridge's completion and notify), but not the simulated guest process's
+trap socket, a round trip between two processes that a vCPU on Xen does
+not make. So both sides of the ratio are two processes taking turns: the
+vCPU (with the hypervisor under it) and the device model."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-
-import trio
 
 from bridge.bench_floor import Floor
 from bridge.bench_stats import Pairs, latency, rotated
 from bridge.virtio_mmio import MAGIC_VALUE
-from xen.sim.guest import GuestAccessFault
-
-SIM_ONLY = "sim only"
-UNCLAIMED = 0x10_0000
-"""From a device window's base: an address no ioreq server claims (libxl
-would put the 2049th virtio-mmio device there)."""
 
 
-async def vcpu_reads(vcpus: Sequence, addrs: Sequence[int], seconds: float, *,
-                     offset: int = MAGIC_VALUE) -> tuple[list[int], float]:
-    """Every vCPU reads ``addrs[i % len(addrs)] + offset`` (vCPU i) in a
-    loop, one access in flight each, for ``seconds``: the latency of every
-    access (ns) and the time taken. An address no ioreq server claims is
-    answered by the simulator itself (a data abort)."""
-    samples: list[int] = []
-    clock = time.perf_counter_ns
-    end = clock() + int(seconds * 1e9)
-
-    async def loop(vcpu, addr: int) -> None:
-        read, record = vcpu.read, samples.append
-        now = clock()
-        while now < end:
-            try:
-                await read(addr, 4)
-            except GuestAccessFault:
-                pass
-            after = clock()
-            record(after - now)
-            now = after
-
-    started = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for i, vcpu in enumerate(vcpus):
-            nursery.start_soon(loop, vcpu, addrs[i % len(addrs)] + offset)
-    return samples, time.perf_counter() - started
+async def vcpu_reads(guest, nvcpus: int, addrs: Sequence[int], seconds: float) -> tuple[list[int], float]:
+    """vCPUs 0 .. nvcpus - 1 each read ``addrs[i % len(addrs)] + MagicValue``
+    (vCPU i) in a loop, one access in flight each, for ``seconds``: the
+    latency of every access (ns) and the time taken."""
+    plan = [(i, addrs[i % len(addrs)] + MAGIC_VALUE) for i in range(nvcpus)]
+    return await guest.vcpu_loop(plan, seconds)
 
 
-async def rotating_reads(vcpus: Sequence, addrs: Sequence[int], seconds: float) -> tuple[list[int], float]:
+async def rotating_reads(guest, nvcpus: int, addrs: Sequence[int], seconds: float) -> tuple[list[int], float]:
     """One access at a time, each from the next vCPU to the next device:
     what one access costs when the bridge serves that many of each."""
-    samples: list[int] = []
-    clock = time.perf_counter_ns
-    end = clock() + int(seconds * 1e9)
-    started = time.perf_counter()
-    i = 0
-    now = clock()
-    nv, na = len(vcpus), len(addrs)
-    while now < end:
-        await vcpus[i % nv].read(addrs[(i // nv + i) % na] + MAGIC_VALUE, 4)
-        after = clock()
-        samples.append(after - now)
-        now = after
-        i += 1
-    return samples, time.perf_counter() - started
+    nv, na = nvcpus, len(addrs)
+    # Access i: vCPU i % nv, device (i // nv + i) % na; the sequence repeats
+    # after nv * na accesses, and every vCPU meets every device.
+    plan = [(i % nv, addrs[(i // nv + i) % na] + MAGIC_VALUE) for i in range(nv * na)]
+    return await guest.vcpu_loop(plan, seconds, one_at_a_time=True)
 
 
 def cpu_ns(pid: int) -> int:
@@ -76,37 +45,38 @@ def cpu_ns(pid: int) -> int:
 
 
 async def measure_rtt(guests: dict, base: int, floors: dict[int, Floor], *, reps: int, seconds: float,
-                      pids: dict[str, int]) -> dict[str, Pairs]:
+                      pids: dict[str, tuple[int, int]]) -> dict[str, Pairs]:
     """``guests``: side name -> open SimGuest (the bridge, and optionally a
     bridge from another tree); ``floors``: pairs -> Floor; ``pids``: side
-    -> the bridge's PID, for its CPU time per access (``cpu_us``), which
-    other processes' noise does not change as it does the latency. Two
-    cases: one vCPU reading, and every vCPU (as many floor pairs) reading
-    at once. A third side, "sim only", reads an address no ioreq server
-    claims on the first guest: the simulator's own share of the round trip
-    (guest -> simulator -> guest; on Xen a trap into the hypervisor)."""
+    -> (the bridge's PID, the simulator's PID). Two cases: one vCPU
+    reading, and every vCPU (as many floor pairs) reading at once. Each
+    side's CPU time per access is kept, which other processes' noise does
+    not change as it does the latency: the bridge's (``cpu_us``) and the
+    simulated hypervisor's (``hv_cpu_us``); for the floor, its echoing
+    process's (``cpu_us``), the device model's counterpart."""
     nvcpus = max(floors)
     cases = {"1 vCPU": 1, f"{nvcpus} vCPUs busy": nvcpus}
     results = {name: Pairs() for name in cases}
-    first = next(iter(guests.values()))
     for rep in range(reps):
         for name, n in cases.items():
-            sides = [*guests, SIM_ONLY, "floor"]
-            for side in rotated(sides, rep):
+            for side in rotated([*guests, "floor"], rep):
                 if side == "floor":
-                    floor_samples = floors[n].run(seconds)
-                    results[name].add(side, latency(floor_samples, seconds))
-                elif side == SIM_ONLY:
-                    samples, took = await vcpu_reads(first.vcpus[:n], [base], seconds, offset=UNCLAIMED)
-                    results[name].add(side, latency(samples, took))
+                    floor = floors[n]
+                    before = cpu_ns(floor.echo_pid)
+                    samples = floor.run(seconds)
+                    cpu_us = (cpu_ns(floor.echo_pid) - before) / 1000 / len(samples)
+                    results[name].add(side, {**latency(samples, seconds), "cpu_us": cpu_us})
                 else:
-                    before = cpu_ns(pids[side])
-                    samples, took = await vcpu_reads(guests[side].vcpus[:n], [base], seconds)
-                    cpu_us = (cpu_ns(pids[side]) - before) / 1000 / len(samples)
-                    results[name].add(side, {**latency(samples, took), "cpu_us": cpu_us})
+                    bridge_pid, sim_pid = pids[side]
+                    before, hv_before = cpu_ns(bridge_pid), cpu_ns(sim_pid)
+                    samples, took = await vcpu_reads(guests[side], n, [base], seconds)
+                    per_access = 1000 * len(samples)
+                    results[name].add(side, {
+                        **latency(samples, took),
+                        "cpu_us": (cpu_ns(bridge_pid) - before) / per_access,
+                        "hv_cpu_us": (cpu_ns(sim_pid) - hv_before) / per_access,
+                    })
     for name, pairs in results.items():
         for side in guests:
             pairs.ratio(f"{side}/floor", side, "floor", "rate")
-            pairs.ratio(f"{side}/{SIM_ONLY}", side, SIM_ONLY, "rate")
-        pairs.ratio(f"{SIM_ONLY}/floor", SIM_ONLY, "floor", "rate")
     return results

@@ -10,20 +10,20 @@ from bridge.bench_rtt import rotating_reads, vcpu_reads
 from bridge.bench_stats import Pairs, latency, rotated
 
 
-
 async def measure_scale(base_guest, base_addrs: list[int], guest, addrs: list[int], *, reps: int,
                         seconds: float) -> Pairs:
     """Sides "1x1" (one access at a time on the 1 x 1 set-up), "single"
     (the same on this one) and "busy" (every vCPU of this one at once)."""
     pairs = Pairs()
+    nvcpus, base_nvcpus = len(guest.vcpus), len(base_guest.vcpus)
     for rep in range(reps):
         for side in rotated(["1x1", "single", "busy"], rep):
             if side == "1x1":
-                samples, took = await rotating_reads(base_guest.vcpus, base_addrs, seconds)
+                samples, took = await rotating_reads(base_guest, base_nvcpus, base_addrs, seconds)
             elif side == "single":
-                samples, took = await rotating_reads(guest.vcpus, addrs, seconds)
+                samples, took = await rotating_reads(guest, nvcpus, addrs, seconds)
             else:
-                samples, took = await vcpu_reads(guest.vcpus, addrs, seconds)
+                samples, took = await vcpu_reads(guest, nvcpus, addrs, seconds)
             pairs.add(side, latency(samples, took))
     pairs.ratio("p99 single/1x1", "single", "1x1", "p99_us")
     return pairs
