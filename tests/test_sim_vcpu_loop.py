@@ -4,7 +4,6 @@ out by hand) and back. Every simulator is a real child process."""
 
 from __future__ import annotations
 
-import errno
 from collections import Counter
 
 import pytest
@@ -64,9 +63,8 @@ async def test_a_failed_access_ends_the_loop_with_its_explanation(start_sim, con
     async with trio.open_nursery() as nursery, SimGuest.open(sim.control_path) as guest:
         await nursery.start(dm.run)
         with trio.fail_after(10):
-            with pytest.raises(GuestRequestError, match="data abort.*0x2000400") as info:
+            with pytest.raises(GuestRequestError, match=r"data abort.*0x2000400.*\(EIO\)$"):
                 await guest.vcpu_loop([(0, BASE + 0x400)], 0.2)
-            assert info.value.errno == errno.EIO
             # Where an abort is the point (the hypervisor's own share), it is counted.
             samples, _ = await guest.vcpu_loop([(0, BASE + 0x400)], 0.05, aborts_expected=True)
             assert len(samples) > 10
@@ -123,7 +121,8 @@ async def test_the_guest_cannot_use_a_vcpu_while_it_loops(start_sim, connect):
 async def test_malformed_loops_are_refused_clearly(start_sim, connect, fields, message):
     sim = start_sim(vcpus=2)
     async with SimGuest.open(sim.control_path) as guest:
-        with trio.fail_after(10), pytest.raises(GuestRequestError, match=message) as info:
+        # (The errno is in the message: keeping the exception would keep this
+        # frame, and the guest's RAM mapping, alive until a GC.)
+        with trio.fail_after(10), pytest.raises(GuestRequestError, match=message + r".*\((EINVAL|EBADMSG)\)$"):
             await guest._request("vcpu_loop", **fields)
-        assert info.value.errno in (errno.EINVAL, errno.EBADMSG)
         assert await guest.devices() == []  # the connection still serves
