@@ -101,6 +101,13 @@ class EventChannel(abc.ABC):
 
         A delivered port stays masked until :meth:`unmask`."""
 
+    def read_some(self) -> list[int]:
+        """Local ports from one read of the device (never blocks; [] if
+        none), for a caller that waits for readability itself: the fd stays
+        readable while more are pending, so this skips the read that
+        :meth:`read_pending` makes to find there is nothing left."""
+        return self.read_pending()
+
     @abc.abstractmethod
     def unmask(self, local_ports: Iterable[int]) -> None: ...
 

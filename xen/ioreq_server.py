@@ -293,33 +293,37 @@ class IoreqServer:
         """Serve every ioreq the event channel reports, reading it again
         while it has more, up to BATCHES_PER_WAKEUP reads (so the device
         tasks are not held up)."""
-        evtchn = self._evtchn
-        port_vcpu = self._port_vcpu
-        service = self._service
-        read_pending = evtchn.read_pending
-        together = self._together
-        done = self._done_ports
+        read_pending = self._evtchn.read_pending
+        serve_ports = self._serve_ports
         for _ in range(BATCHES_PER_WAKEUP):
             ports = read_pending()
             if not ports:
                 break
-            if together is None:
-                evtchn.unmask(ports)
-                for port in ports:
-                    vcpu = port_vcpu.get(port)
-                    if vcpu is not None:
-                        service(vcpu, port)
-                continue
-            self._batching = True
-            try:
-                for port in ports:
-                    vcpu = port_vcpu.get(port)
-                    if vcpu is not None:
-                        service(vcpu, port)
-            finally:
-                self._batching = False
-                together(ports, done)
-                done.clear()
+            serve_ports(ports)
+
+    def _serve_ports(self, ports: list[int]) -> None:
+        """Serve the ioreqs of one read of pending ports."""
+        port_vcpu = self._port_vcpu
+        service = self._service
+        together = self._together
+        if together is None:
+            self._evtchn.unmask(ports)
+            for port in ports:
+                vcpu = port_vcpu.get(port)
+                if vcpu is not None:
+                    service(vcpu, port)
+            return
+        done = self._done_ports
+        self._batching = True
+        try:
+            for port in ports:
+                vcpu = port_vcpu.get(port)
+                if vcpu is not None:
+                    service(vcpu, port)
+        finally:
+            self._batching = False
+            together(ports, done)
+            done.clear()
 
     def _service(self, vcpu: int, port: int) -> None:
         page = self._page
@@ -457,14 +461,14 @@ class _IdleServing(trio.abc.Instrument):
     in :attr:`error` and sets :attr:`gone`: the task raises it (a lost
     simulator, a closed event channel), as it would have itself."""
 
-    def __init__(self, server: IoreqServer, fd: int, trio_fd: int) -> None:
+    def __init__(self, server: IoreqServer, fd: int, trio_fd: int, runq) -> None:
         self._server = server
         self._fd = fd
         self._epoll = select.epoll()
         self._epoll.register(fd, select.EPOLLIN)
         self._epoll.register(trio_fd, select.EPOLLIN)
         self._token = trio.lowlevel.current_trio_token()
-        self._statistics = trio.lowlevel.current_statistics
+        self._runq = runq
         self.gone = trio.Event()
         self.error: Exception | None = None
 
@@ -473,9 +477,11 @@ class _IdleServing(trio.abc.Instrument):
         try:
             runner = trio._core._run.GLOBAL_RUN_CONTEXT.runner
             trio_fd = runner.io_manager._epoll.fileno()
-        except AttributeError:  # another trio, or another I/O backend
+            runq = runner.runq  # what current_statistics().tasks_runnable counts
+            len(runq)
+        except (AttributeError, TypeError):  # another trio, or another I/O backend
             return None
-        idle = cls(server, fd, trio_fd)
+        idle = cls(server, fd, trio_fd, runq)
         trio.lowlevel.add_instrument(idle)
         return idle
 
@@ -501,30 +507,43 @@ class _IdleServing(trio.abc.Instrument):
             raise
 
     def _serve(self, timeout: float) -> None:
-        serve, poll, fd = self._server._serve_pending, self._epoll.poll, self._fd
-        deadline = time.monotonic() + timeout
-        trio_ready = False
+        """Wait up to ``timeout`` in our epoll, serving the event channel
+        each time it is readable (one read: epoll says when there is more,
+        at the cost of no failed read), until trio has work."""
+        server, poll, fd, runq = self._server, self._epoll.poll, self._fd, self._runq
+        read_some, serve_ports = server._evtchn.read_some, server._serve_ports
+        monotonic = time.monotonic
+        deadline = monotonic() + timeout
+        remaining = timeout
+        busy_rounds = 0
         while True:
-            serve()  # what is pending, and what came with trio's own events
-            if self._wake_trio_if_needed() or trio_ready:
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
             events = poll(remaining)
             if not events:
                 return
-            trio_ready = any(ready != fd for ready, _ in events)
-
-    def _wake_trio_if_needed(self) -> bool:
-        """Serving may have made a task runnable (a deferred completion, a
-        recheck): trio, about to sleep for the timeout it computed, must
-        not. Returns whether trio has work now."""
-        stats = self._statistics()
-        if stats.tasks_runnable or stats.run_sync_soon_queue_size:
-            self._token.run_sync_soon(_nothing)
-            return True
-        return False
+            trio_ready = False
+            for ready, _ in events:
+                if ready == fd:
+                    ports = read_some()
+                    if ports:
+                        serve_ports(ports)
+                else:
+                    trio_ready = True
+            if runq:
+                # Serving made a task runnable (a deferred completion, a
+                # recheck): trio, about to sleep for the timeout it
+                # computed, must not.
+                self._token.run_sync_soon(_nothing)
+                return
+            if trio_ready:
+                return
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                # Trio has tasks to run: serve what keeps coming for a
+                # few more rounds, then let them run.
+                busy_rounds += 1
+                if busy_rounds >= BATCHES_PER_WAKEUP:
+                    return
+                remaining = 0
 
 
 def _nothing() -> None:

@@ -464,14 +464,26 @@ class SimEventChannel(EventChannel):
 
     def read_pending(self) -> list[int]:
         ports: list[int] = []
-        buf = self._rbuf
-        for n in _waiting_messages(self._sock, buf, "event channel", HypervisorError):
-            count = n >> 2
-            unpack = self._ports.get(count)
-            if unpack is None:
-                unpack = self._ports[count] = struct.Struct(f"<{count}I")
-            ports.extend(unpack.unpack_from(buf))
-        return ports
+        while True:
+            some = self.read_some()
+            if not some:
+                return ports
+            ports += some
+
+    def read_some(self) -> list[int]:
+        try:
+            n = self._sock.recv_into(self._rbuf)
+        except BlockingIOError:
+            return []
+        except OSError as exc:
+            raise HypervisorError(f"event channel: {exc.strerror or exc}") from None
+        if n == 0:
+            raise HypervisorError("event channel: the Xen simulator closed it (did it exit?)")
+        count = n >> 2
+        unpack = self._ports.get(count)
+        if unpack is None:
+            unpack = self._ports[count] = struct.Struct(f"<{count}I")
+        return list(unpack.unpack_from(self._rbuf))
 
     def unmask(self, local_ports: Iterable[int]) -> None:
         buf = self._wbuf
