@@ -525,19 +525,26 @@ class EvtchnDevice:
     def drain(self) -> bool:
         """Process every record the client has sent (never blocks). False
         once the client has closed its end."""
-        sock = self.sock
-        buf = self._rbuf
         while True:
-            try:
-                n = sock.recv_into(buf)
-            except BlockingIOError:
+            n = self._read_one()
+            if n is None:
                 return True
-            except OSError as exc:
-                log.debug("event channel device %d: %s", self.handle, exc)
-                return False
             if n == 0:
                 return False
-            self.process(buf, n)
+
+    def _read_one(self) -> int | None:
+        """Act on one message of records: its length; None when none is
+        waiting, 0 once the client has closed its end."""
+        try:
+            n = self.sock.recv_into(self._rbuf)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            log.debug("event channel device %d: %s", self.handle, exc)
+            return 0
+        if n:
+            self.process(self._rbuf, n)
+        return n
 
     def process(self, buf, n: int) -> None:
         if n % EVTCHN_RECORD.size:
@@ -576,9 +583,11 @@ class EvtchnDevice:
             self.outbox.send(batch)
 
     def on_readable(self) -> None:
-        """The poller's handler: act on the client's records; at EOF the
-        client closed the device, which unbinds all its ports."""
-        if not self.drain():
+        """The poller's handler: act on one message of the client's records
+        (the poller is level-triggered and calls again while more wait,
+        which costs no failed read); at EOF the client closed the device,
+        which unbinds all its ports."""
+        if self._read_one() == 0:
             self.close()
 
     def close(self) -> None:
