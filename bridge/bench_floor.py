@@ -8,12 +8,20 @@ requests and answers each at once. With several pairs every pair keeps one
 request in flight, as every vCPU of a busy guest keeps one access in
 flight. Neither side is pinned to a CPU, as the simulator and the bridge
 are not.
+
+:class:`SocketFloor` is the same ping-pong over what the simulator's event
+channel is made of, still with no decoding: a SOCK_SEQPACKET socketpair
+per pair, each side waiting in an epoll, a 4-byte port one way and two
+8-byte (unmask, notify) records the other (``python -m bridge.bench_floor
+--sockets FD ...``). What it costs beyond the floor is the simulated
+transport's price, which no device model can win back.
 """
 
 from __future__ import annotations
 
 import os
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -42,13 +50,7 @@ class Floor:
 
     def stop(self) -> None:
         """Stop the echoing child by its PID and close the eventfds."""
-        if self._echo.poll() is None:
-            self._echo.terminate()
-            try:
-                self._echo.wait(5)
-            except subprocess.TimeoutExpired:
-                self._echo.kill()
-                self._echo.wait()
+        _stop_child(self._echo)
         for fd in self._req + self._resp:
             os.close(fd)
         self._req = self._resp = []
@@ -109,6 +111,97 @@ class Floor:
         self.stop()
 
 
+class SocketFloor:
+    """The ping-pong over SEQPACKET sockets and epoll (see the module's
+    docstring); the echoing child runs until :meth:`stop`."""
+
+    PORT = b"\x40\0\0\0"  # one pending port, simulator -> device model
+    RECORDS = b"\1\0\0\0\x40\0\0\0\2\0\0\0\x40\0\0\0"  # unmask, notify
+
+    def __init__(self, pairs: int = 1) -> None:
+        if pairs < 1:
+            raise ValueError("need at least one pair")
+        self.pairs = pairs
+        self._ours: list[socket.socket] = []
+        theirs = []
+        try:
+            for _ in range(pairs):
+                a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                a.setblocking(False)
+                self._ours.append(a)
+                theirs.append(b)
+            argv = [sys.executable, "-m", "bridge.bench_floor", "--sockets", *(str(b.fileno()) for b in theirs)]
+            self._echo = subprocess.Popen(argv, env=child_env(), stdin=subprocess.DEVNULL,
+                                          pass_fds=[b.fileno() for b in theirs], start_new_session=True)
+        except BaseException:
+            for sock in self._ours:
+                sock.close()
+            raise
+        finally:
+            for b in theirs:
+                b.close()
+
+    @property
+    def echo_pid(self) -> int:
+        return self._echo.pid
+
+    def stop(self) -> None:
+        """Stop the echoing child by its PID and close the sockets."""
+        _stop_child(self._echo)
+        for sock in self._ours:
+            sock.close()
+        self._ours = []
+
+    def run(self, seconds: float) -> list[int]:
+        """Round trips for ``seconds``, every pair keeping one in flight:
+        each one's latency in nanoseconds."""
+        clock = time.perf_counter_ns
+        port, buf = self.PORT, bytearray(64)
+        poll = select.epoll()
+        by_fd = {}
+        sent = {}
+        try:
+            for sock in self._ours:
+                poll.register(sock.fileno(), select.EPOLLIN)
+                by_fd[sock.fileno()] = sock
+            samples = []
+            end = clock() + int(seconds * 1e9)
+            for fd, sock in by_fd.items():
+                sent[fd] = clock()
+                sock.send(port)
+            outstanding = len(by_fd)
+            while outstanding:
+                for fd, _ev in poll.poll():
+                    sock = by_fd[fd]
+                    sock.recv_into(buf)
+                    now = clock()
+                    samples.append(now - sent[fd])
+                    if now < end:
+                        sent[fd] = now
+                        sock.send(port)
+                    else:
+                        outstanding -= 1
+            return samples
+        finally:
+            poll.close()
+
+    def __enter__(self) -> "SocketFloor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _stop_child(child: subprocess.Popen) -> None:
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
 def echo(pairs: list[tuple[int, int]]) -> None:
     """Answer every request at once, for ever (stopped by SIGTERM)."""
     write, read = os.eventfd_write, os.eventfd_read
@@ -128,5 +221,26 @@ def echo(pairs: list[tuple[int, int]]) -> None:
             write(answer[req], 1)
 
 
+def echo_sockets(fds: list[int]) -> None:
+    """Answer every port with two records at once, waiting in an epoll
+    as a device model does, for ever (stopped by SIGTERM)."""
+    socks = {}
+    poll = select.epoll()
+    for fd in fds:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        socks[fd] = sock
+        poll.register(fd, select.EPOLLIN)
+    records, buf = SocketFloor.RECORDS, bytearray(64)
+    while True:
+        for fd, _ev in poll.poll():
+            sock = socks[fd]
+            sock.recv_into(buf)
+            sock.send(records)
+
+
 if __name__ == "__main__":
-    echo([tuple(int(fd) for fd in arg.split(",")) for arg in sys.argv[1:]])
+    if sys.argv[1:2] == ["--sockets"]:
+        echo_sockets([int(fd) for fd in sys.argv[2:]])
+    else:
+        echo([tuple(int(fd) for fd in arg.split(",")) for arg in sys.argv[1:]])

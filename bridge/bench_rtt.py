@@ -9,13 +9,18 @@ takes the whole trap path (ioreq slot, event channel to the bridge, the
 bridge's completion and notify), but not the simulated guest process's
 trap socket, a round trip between two processes that a vCPU on Xen does
 not make. So both sides of the ratio are two processes taking turns: the
-vCPU (with the hypervisor under it) and the device model."""
+vCPU (with the hypervisor under it) and the device model.
+
+A third side, the socket floor (bridge.bench_floor.SocketFloor), is the
+same ping-pong as the floor over what the simulator's event channel is
+made of (SEQPACKET sockets, an epoll on each side): the share of the
+round trip that is the simulated transport's, not the bridge's."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bridge.bench_floor import Floor
+from bridge.bench_floor import Floor, SocketFloor
 from bridge.bench_stats import Pairs, latency, rotated
 from bridge.virtio_mmio import MAGIC_VALUE
 
@@ -44,24 +49,28 @@ def cpu_ns(pid: int) -> int:
         return int(f.read().split()[0])
 
 
-async def measure_rtt(guests: dict, base: int, floors: dict[int, Floor], *, reps: int, seconds: float,
-                      pids: dict[str, tuple[int, int]]) -> dict[str, Pairs]:
+SOCKET_FLOOR = "socket floor"
+
+
+async def measure_rtt(guests: dict, base: int, floors: dict[int, Floor], socket_floors: dict[int, SocketFloor], *,
+                      reps: int, seconds: float, pids: dict[str, tuple[int, int]]) -> dict[str, Pairs]:
     """``guests``: side name -> open SimGuest (the bridge, and optionally a
-    bridge from another tree); ``floors``: pairs -> Floor; ``pids``: side
+    bridge from another tree); ``floors``, ``socket_floors``: pairs -> a
+    Floor, a SocketFloor; ``pids``: side
     -> (the bridge's PID, the simulator's PID). Two cases: one vCPU
     reading, and every vCPU (as many floor pairs) reading at once. Each
     side's CPU time per access is kept, which other processes' noise does
     not change as it does the latency: the bridge's (``cpu_us``) and the
-    simulated hypervisor's (``hv_cpu_us``); for the floor, its echoing
+    simulated hypervisor's (``hv_cpu_us``); for the floors, their echoing
     process's (``cpu_us``), the device model's counterpart."""
     nvcpus = max(floors)
     cases = {"1 vCPU": 1, f"{nvcpus} vCPUs busy": nvcpus}
     results = {name: Pairs() for name in cases}
     for rep in range(reps):
         for name, n in cases.items():
-            for side in rotated([*guests, "floor"], rep):
-                if side == "floor":
-                    floor = floors[n]
+            for side in rotated([*guests, "floor", SOCKET_FLOOR], rep):
+                if side in ("floor", SOCKET_FLOOR):
+                    floor = floors[n] if side == "floor" else socket_floors[n]
                     before = cpu_ns(floor.echo_pid)
                     samples = floor.run(seconds)
                     cpu_us = (cpu_ns(floor.echo_pid) - before) / 1000 / len(samples)
@@ -79,4 +88,6 @@ async def measure_rtt(guests: dict, base: int, floors: dict[int, Floor], *, reps
     for name, pairs in results.items():
         for side in guests:
             pairs.ratio(f"{side}/floor", side, "floor", "rate")
+            pairs.ratio(f"{side}/{SOCKET_FLOOR}", side, SOCKET_FLOOR, "rate")
+        pairs.ratio(f"{SOCKET_FLOOR}/floor", SOCKET_FLOOR, "floor", "rate")
     return results

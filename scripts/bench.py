@@ -8,7 +8,9 @@ a. rtt: a vCPU reading a plain register (MagicValue) through the bridge,
    load loop in the simulator, where Xen runs a vCPU (the guest op
    vcpu_loop): both sides are then two processes taking turns. The CPU
    time per access of the device model (the bridge; the floor's echoing
-   process) and of the simulated hypervisor is shown too.
+   process) and of the simulated hypervisor is shown too. The socket
+   floor is the same ping-pong over the simulator's event-channel
+   transport (SEQPACKET sockets and epoll): its share is the simulation's.
 b. blk: 4 KiB random reads and writes at queue depth 1 and 32 from the
    simulated guest through the bridge to qemu-storage-daemon, against the
    same guest driving the daemon itself (it is the vhost-user front-end,
@@ -41,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from bridge.bench_blk import measure_blk, open_mmio_blk
 from bridge.bench_direct import open_direct_blk
-from bridge.bench_floor import Floor
+from bridge.bench_floor import Floor, SocketFloor
 from bridge.bench_rtt import measure_rtt
 from bridge.bench_scale import measure_scale, memory_mib
 from bridge.bench_testbed import BlkBenchBed
@@ -175,9 +177,10 @@ async def run(beds: Beds, config: dict) -> dict:
             guests = {side: await stack.enter_async_context(SimGuest.open(beds.beds[f"rtt:{side}"].control))
                       for side in rtt_sides(config)}
             floors = {n: stack.enter_context(Floor(n)) for n in (1, config["rtt_vcpus"])}
+            socket_floors = {n: stack.enter_context(SocketFloor(n)) for n in (1, config["rtt_vcpus"])}
             pids = {side: (beds.beds[f"rtt:{side}"].bridge.pid, beds.beds[f"rtt:{side}"].sim.pid) for side in guests}
-            rtt = await measure_rtt(guests, beds.beds["rtt:bridge"].mmio_base(0), floors, reps=config["reps"],
-                                    seconds=config["seconds"], pids=pids)
+            rtt = await measure_rtt(guests, beds.beds["rtt:bridge"].mmio_base(0), floors, socket_floors,
+                                    reps=config["reps"], seconds=config["seconds"], pids=pids)
             for pairs in rtt.values():
                 if before:
                     pairs.ratio(f"bridge/bridge{BEFORE}", "bridge", f"bridge{BEFORE}", "rate")

@@ -57,14 +57,14 @@ def test_quick_bench_measures_every_pair_and_leaves_nothing(workdir):
     # a. round trips: the bridge and the floor, with one and with every vCPU
     assert set(results["rtt"]) == {"1 vCPU", "2 vCPUs busy"}
     for case in results["rtt"].values():
-        assert set(case["sides"]) == {"bridge", "floor"}
+        assert set(case["sides"]) == {"bridge", "floor", "socket floor"}
         for side in case["sides"].values():
             assert side["rate"]["median"] > 0
             assert 0 < side["p50_us"]["median"] <= side["p99_us"]["median"]
             assert side["cpu_us"]["median"] > 0  # the device model's: the bridge, the floor's echo
         assert case["sides"]["bridge"]["hv_cpu_us"]["median"] > 0
         rate = {side: m["rate"]["median"] for side, m in case["sides"].items()}
-        assert set(case["ratios"]) == {"bridge/floor"}
+        assert set(case["ratios"]) == {"bridge/floor", "bridge/socket floor", "socket floor/floor"}
         for name, ratio in case["ratios"].items():
             a, b = name.split("/")
             assert close_to(ratio["median"], rate[a] / rate[b]), name
