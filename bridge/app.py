@@ -226,6 +226,7 @@ async def run_bridge(config: BridgeConfig, *, on_ready: Callable[[str], None] | 
                 await nursery.start(server.serve)
                 for device in devices:
                     device.fast_path = server.fast_path
+                    device.watcher = server
                 in_xenstore = [place.xenstore for place in placements if place.xenstore is not None]
                 for entry in in_xenstore:
                     mark_served(xs, entry)

@@ -28,9 +28,11 @@ the way virtio tells a driver that a device broke.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -69,6 +71,9 @@ from vhost_user.frontend import InflightRegion, RingSetup, VhostUserFrontend
 from vhost_user.protocol import ConnectionLost, ProtocolFeature, VhostUserError
 from xen.fast_path import KernelFastPath
 from xen.hypervisor import Hypervisor, HypervisorError
+
+if TYPE_CHECKING:
+    from xen.ioreq_server import IoreqServer
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +117,9 @@ class VhostUserDevice:
         self.base = base
         self.fast_path: KernelFastPath | None = None
         """The ioreq server's, once it serves; None: relay everything."""
+        self.watcher: IoreqServer | None = None
+        """The ioreq server, once it serves: the relays of the daemon's
+        calls run with the ioreqs (IoreqServer.watch); None: tasks run them."""
         self.memory = memory
         self.queue_size = queue_size
         self.timeout = timeout
@@ -761,7 +769,7 @@ class VhostUserDevice:
                 kicks_in_kernel = fast.assign_kick(self.base, index, guest_kick)
                 if kicks_in_kernel:
                     self._guest_kicks[index] = guest_kick
-                    self._nursery.start_soon(self._relay_guest_kicks, index, guest_kick)
+                    self._relay(guest_kick, functools.partial(self._on_guest_kick, index, guest_kick))
                 else:
                     os.close(guest_kick)
             else:
@@ -772,42 +780,49 @@ class VhostUserDevice:
         if irq_in_kernel:
             self.model.vring_irq_in_kernel = True
         else:
-            self._nursery.start_soon(self._relay_calls, index, ring.call_fd)
+            self._relay(ring.call_fd, functools.partial(self._on_call, index, ring.call_fd))
         log.info(
             "virtio-%s queue %d: kicks %s, interrupts %s", self.type.name, index,
             "taken by the kernel (ioeventfd)" if kicks_in_kernel else "relayed by the bridge",
             "raised by the kernel (irqfd)" if irq_in_kernel else "raised by the bridge",
         )
 
-    async def _relay_guest_kicks(self, index: int, fd: int) -> None:
-        """Shadow memory: the kernel took the guest's QueueNotify; move its
-        chains to the shadow ring."""
+    def _relay(self, fd: int, on_event: Callable[[], None]) -> None:
+        """Run ``on_event`` each time eventfd ``fd`` is signalled: with the
+        ioreqs where the ioreq server takes it, else in a task."""
+        if self.watcher is not None:
+            self.watcher.watch(fd, on_event)
+        else:
+            self._nursery.start_soon(self._relay_task, fd, on_event)
+
+    @staticmethod
+    async def _relay_task(fd: int, on_event: Callable[[], None]) -> None:
         try:
             while True:
                 await trio.lowlevel.wait_readable(fd)
-                try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    continue
-                self._shadow_kick(index)
-        except (trio.ClosedResourceError, OSError):
-            return  # the ring was stopped and its fd closed
-
-    async def _relay_calls(self, index: int, call_fd: int) -> None:
-        """The daemon's call eventfd for one ring -> a used-buffer interrupt."""
-        try:
-            while True:
-                await trio.lowlevel.wait_readable(call_fd)
-                try:
-                    os.eventfd_read(call_fd)
-                except BlockingIOError:
-                    continue
-                if self._shadow_by_ring:
-                    self._shadow_call(index)
-                else:
-                    self.raise_interrupt(INT_VRING)
+                on_event()
         except (trio.ClosedResourceError, OSError):
             return  # the ring was stopped and its fds closed
+
+    def _on_guest_kick(self, index: int, fd: int) -> None:
+        """Shadow memory: the kernel took the guest's QueueNotify; move its
+        chains to the shadow ring."""
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return
+        self._shadow_kick(index)
+
+    def _on_call(self, index: int, call_fd: int) -> None:
+        """The daemon's call eventfd for one ring -> a used-buffer interrupt."""
+        try:
+            os.eventfd_read(call_fd)
+        except BlockingIOError:
+            return
+        if self._shadow_by_ring:
+            self._shadow_call(index)
+        else:
+            self.raise_interrupt(INT_VRING)
 
     def _close_ring(self, index: int) -> None:
         kick, call = self._rings.pop(index)
@@ -815,6 +830,8 @@ class VhostUserDevice:
         for fd in (kick, call) if guest_kick is None else (kick, call, guest_kick):
             if self.fast_path is not None:
                 self.fast_path.release(fd)  # before the close: the kernel finds it by its eventfd
+            if self.watcher is not None:
+                self.watcher.unwatch(fd)
             trio.lowlevel.notify_closing(fd)
             os.close(fd)
         if not self._rings:

@@ -431,3 +431,64 @@ async def test_a_deferred_completion_wakes_trio_at_once(served):
         xen.post(2, addr=BASE + 0x20, size=4, is_read=True)
         await notified.wait()
     assert xen.slot(2).data == 0xABCD and xen.evtchn.notified == [LOCAL_PORT_BASE + 2]
+
+
+async def test_watched_fds_are_served_with_the_ioreqs_without_a_task_switch(served):
+    """A device's call eventfd handed to IoreqServer.watch: each signal runs
+    the callback from the run loop that serves the ioreqs, with no task
+    step; after unwatch, signals go unseen."""
+    _xen, _regs, server = served
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    seen = []
+    steps = TaskSteps()
+    try:
+        server.watch(fd, lambda: seen.append(os.eventfd_read(fd)))
+        with pytest.raises(ValueError, match="watched already"):
+            server.watch(fd, lambda: None)
+        trio.lowlevel.add_instrument(steps)
+        try:
+            for n in (1, 2, 3):
+                await trio.to_thread.run_sync(os.eventfd_write, fd, n)
+                with trio.fail_after(5):
+                    while len(seen) < n:
+                        await trio.sleep(0.001)
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert seen == [1, 2, 3]
+        assert not [name for name in steps.steps if "IoreqServer" in name], steps.steps
+        server.unwatch(fd)
+        os.eventfd_write(fd, 5)
+        await trio.sleep(0.05)
+        assert seen == [1, 2, 3]
+        assert os.eventfd_read(fd) == 5  # still there: nobody read it
+    finally:
+        os.close(fd)
+
+
+async def test_a_watcher_that_raises_is_dropped_and_the_ioreqs_go_on(served, caplog):
+    xen, _regs, server = served
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    calls = []
+
+    def broken() -> None:
+        calls.append(os.eventfd_read(fd))
+        raise RuntimeError("a bug in a device")
+
+    try:
+        server.watch(fd, broken)
+        os.eventfd_write(fd, 1)
+        with trio.fail_after(5):
+            while not calls:
+                await trio.sleep(0.001)
+        os.eventfd_write(fd, 1)
+        xen.post(1, addr=BASE + 4, size=4, is_read=True)
+        assert (await until_completed(xen, 1)).data == 0x1004
+        assert calls == [1]
+        assert "a bug in a device" in caplog.text and f"handling fd {fd}; no longer watching it" in caplog.text
+        server.watch(fd, lambda: calls.append(os.eventfd_read(fd)))  # it may be watched again
+        with trio.fail_after(5):
+            while len(calls) < 2:
+                await trio.sleep(0.001)
+    finally:
+        server.unwatch(fd)
+        os.close(fd)

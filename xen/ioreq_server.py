@@ -18,8 +18,9 @@ Who waits for the event channel: while trio has tasks to run, the
 pending ioreqs are served between its rounds; when it would sleep, the
 run loop itself waits in an epoll of the event channel and of trio's own
 epoll and serves each ioreq as it comes (``_IdleServing``, a trio
-instrument), so that an access costs no task switch. A task waiting on the
-event channel is the fallback where that cannot be set up.
+instrument), so that an access costs no task switch; the devices' call
+eventfds are served the same way (``watch``). A task waiting on the event
+channel is the fallback where that cannot be set up.
 
 Every slot taken is completed, whatever happens: an access nobody handles,
 an access the handler rejects, an exception in the handler, an ioreq type
@@ -49,7 +50,7 @@ import logging
 import select
 import struct
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import trio
@@ -183,6 +184,8 @@ class IoreqServer:
         self._batching = False  # in _loop's batch: completions wait for its notify
         self._done_ports: list[int] = []
         self._rechecking: set[int] = set()
+        self._idle: _IdleServing | None = None
+        self._watched: dict[int, trio.CancelScope | None] = {}  # fd -> its task's scope, if one serves it
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Set the server up in Xen, report started, serve until cancelled,
@@ -191,9 +194,11 @@ class IoreqServer:
             self._setup()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self._idle = _IdleServing.install(self, self._evtchn.fileno())
                 task_status.started()
                 await self._loop()
         finally:
+            self._watched.clear()
             self._teardown()
 
     # --- set-up and tear-down, in the order of xen-ioreq.md ------------
@@ -270,9 +275,49 @@ class IoreqServer:
 
     # --- the loop -------------------------------------------------------
 
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """Run ``callback()`` whenever ``fd`` is readable, in trio's thread,
+        with the ioreqs: from the run loop that serves them, where an event
+        costs no task switch (a device's call eventfds), else from a task.
+        The callback must consume what made the fd readable; an exception
+        from it is logged and the fd no longer watched. :meth:`unwatch`
+        before closing the fd. Only while serving."""
+        if fd in self._watched:
+            raise ValueError(f"fd {fd} is watched already")
+        self._watched[fd] = None
+        if self._idle is not None:
+            self._idle.watch(fd, callback)
+        else:
+            self._watch_in_task(fd, callback)
+
+    def unwatch(self, fd: int) -> None:
+        if fd not in self._watched:
+            return
+        scope = self._watched.pop(fd)
+        if scope is not None:
+            scope.cancel()
+        elif self._idle is not None:
+            self._idle.unwatch(fd)
+
+    def _watch_in_task(self, fd: int, callback: Callable[[], None]) -> None:
+        scope = self._watched[fd] = trio.CancelScope()
+
+        async def task() -> None:
+            with scope:
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
+                    try:
+                        callback()
+                    except Exception:
+                        log.exception("internal error handling fd %d; no longer watching it", fd)
+                        self._watched.pop(fd, None)
+                        return
+
+        self._nursery.start_soon(task)
+
     async def _loop(self) -> None:
         fd = self._evtchn.fileno()
-        idle = _IdleServing.install(self, fd)
+        idle = self._idle
         try:
             if idle is not None:
                 # The run loop serves the event channel (see _IdleServing);
@@ -280,12 +325,16 @@ class IoreqServer:
                 await idle.gone.wait()
                 if idle.error is not None:
                     raise idle.error
+                self._idle = None
+                for watched_fd, callback in idle.watched().items():
+                    self._watch_in_task(watched_fd, callback)
             wait_readable = trio.lowlevel.wait_readable
             serve = self._serve_pending
             while True:
                 await wait_readable(fd)
                 serve()
         finally:
+            self._idle = None
             if idle is not None:
                 idle.remove()
 
@@ -455,8 +504,12 @@ class _IdleServing(trio.abc.Instrument):
     the timeout trio computed runs out. Everything runs in trio's thread,
     between task steps, so the devices see no new concurrency.
 
-    It needs trio's epoll object, which trio does not expose; where it is
-    not found, :meth:`install` returns None and the task serves instead.
+    The same epoll holds the fds handed to :meth:`IoreqServer.watch` (the
+    daemons' call eventfds), whose callbacks run here as the ioreqs do.
+
+    It needs trio's epoll object and run queue, which trio does not
+    expose; where they are not found, :meth:`install` returns None and
+    tasks serve instead.
     If serving raises, the instrument removes itself, keeps the exception
     in :attr:`error` and sets :attr:`gone`: the task raises it (a lost
     simulator, a closed event channel), as it would have itself."""
@@ -469,8 +522,28 @@ class _IdleServing(trio.abc.Instrument):
         self._epoll.register(trio_fd, select.EPOLLIN)
         self._token = trio.lowlevel.current_trio_token()
         self._runq = runq
+        self._watched: dict[int, Callable[[], None]] = {}
         self.gone = trio.Event()
         self.error: Exception | None = None
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        self._epoll.register(fd, select.EPOLLIN)
+        self._watched[fd] = callback
+
+    def unwatch(self, fd: int) -> None:
+        if self._watched.pop(fd, None) is not None and not self._epoll.closed:
+            self._epoll.unregister(fd)
+
+    def watched(self) -> dict[int, Callable[[], None]]:
+        return dict(self._watched)
+
+    def _run_watcher(self, fd: int, callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception:  # one broken watcher must not stop the ioreqs
+            log.exception("internal error handling fd %d; no longer watching it", fd)
+            self.unwatch(fd)
+            self._server._watched.pop(fd, None)
 
     @classmethod
     def install(cls, server: IoreqServer, fd: int) -> "_IdleServing | None":
@@ -510,7 +583,7 @@ class _IdleServing(trio.abc.Instrument):
         """Wait up to ``timeout`` in our epoll, serving the event channel
         each time it is readable (one read: epoll says when there is more,
         at the cost of no failed read), until trio has work."""
-        server, poll, fd, runq = self._server, self._epoll.poll, self._fd, self._runq
+        server, poll, fd, runq, watched = self._server, self._epoll.poll, self._fd, self._runq, self._watched
         read_some, serve_ports = server._evtchn.read_some, server._serve_ports
         monotonic = time.monotonic
         deadline = monotonic() + timeout
@@ -527,7 +600,11 @@ class _IdleServing(trio.abc.Instrument):
                     if ports:
                         serve_ports(ports)
                 else:
-                    trio_ready = True
+                    callback = watched.get(ready)
+                    if callback is None:
+                        trio_ready = True
+                    else:
+                        self._run_watcher(ready, callback)
             if runq:
                 # Serving made a task runnable (a deferred completion, a
                 # recheck): trio, about to sleep for the timeout it
