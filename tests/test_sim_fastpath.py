@@ -243,6 +243,27 @@ async def test_a_kick_on_a_masked_port_waits_for_the_unmask(start_sim, connect, 
         await until(lambda: dm.evtchn.read_pending() == [port])
 
 
+async def test_the_kernel_has_taken_the_slot_when_the_unmask_returns(start_sim, connect, eventfd):
+    """Linux runs the handlers of an event that fired while its port was
+    masked in the upcall the unmask causes, before write() returns; a
+    device model that looks at the slots right after its unmask must find
+    what the kernel left, or both take the same kick."""
+    sim = start_sim(extra_args=("--fast-path-hold-us", "300000"))  # the kernel holds the slot 0.3 s
+    dm = FastDM(connect(sim))
+    kick = eventfd()
+    dm.kick(kick)
+    [port] = dm.ports
+    await until(lambda: dm.evtchn.read_pending() == [port])  # bind_interdomain's notification: now masked
+    async with trio.open_nursery() as nursery, SimGuest.open(sim.control_path) as guest:
+        nursery.start_soon(guest.vcpus[0].write, QUEUE_NOTIFY, 4, 0)
+        await until(lambda: slot_state(dm.page, 0) == READY)
+        for _ in range(3):
+            dm.evtchn.unmask([port])
+            assert slot_state(dm.page, 0) == INPROCESS  # no await in between
+        with trio.fail_after(5):
+            await until(lambda: take_count(kick) == 1)
+
+
 async def test_other_writes_still_reach_the_device_model(start_sim, connect, eventfd):
     sim = start_sim()
     dm = FastDM(connect(sim))

@@ -77,6 +77,9 @@ class SimHypervisor(Hypervisor):
         # id(ioreq page mmap) -> (that mmap, its server id): how ioeventfd()
         # names the server of the pages it is given, as privcmd does by address
         self._ioreq_maps: dict[int, tuple[mmap.mmap, int]] = {}
+        self.kernel_kicks = 0
+        """ioeventfds this connection registered (and did not deassign):
+        while any is, an unmask waits for the simulator (SimEventChannel)."""
         self._xenstores: list[SimXenStore] = []
         self._irq_channel: socket.socket | None | bool = None  # False: the simulator has none
         self._closed = False
@@ -221,6 +224,12 @@ class SimHypervisor(Hypervisor):
         sock.setblocking(False)
         return reply, sock
 
+    def evtchn_sync(self) -> None:
+        """Wait until the simulator has acted on every record sent on this
+        connection's event-channel devices (and run what they triggered)."""
+        _reply, fds = self._call("evtchn_sync")
+        control.close_fds(fds)
+
     def open_event_channel(self) -> "SimEventChannel":
         reply, sock = self._open_channel("evtchn_open")
         channel = SimEventChannel(self, reply["handle"], sock)
@@ -249,6 +258,7 @@ class SimHypervisor(Hypervisor):
                 op,
             )
         self._privcmd_call(op, fd, id=entry[1], ports=list(ports), addr=addr, addr_len=addr_len, vq=vq, flags=flags)
+        self.kernel_kicks += -1 if flags & 1 else 1
 
     def irqfd(self, *, irq: int, fd: int, assign: bool = True) -> None:
         self._privcmd_call("privcmd_irqfd", fd, irq=irq, flags=0 if assign else 1)
@@ -486,6 +496,13 @@ class SimEventChannel(EventChannel):
         return list(unpack.unpack_from(self._rbuf))
 
     def unmask(self, local_ports: Iterable[int]) -> None:
+        """Unmask the ports. An event that fired while one was masked is
+        delivered now, and runs the kernel's ioeventfd handler: in Linux
+        that happens in the upcall the unmask causes, before write()
+        returns, so a device model that looks at the slots next finds what
+        the handler left. Where this connection has ioeventfds, the unmask
+        therefore waits until the simulator has acted on it (a control
+        round trip); without, it is one message, not awaited."""
         buf = self._wbuf
         size = EVTCHN_RECORD.size
         pack = EVTCHN_RECORD.pack_into
@@ -497,6 +514,8 @@ class SimEventChannel(EventChannel):
             off += size
         if off:
             self._send(memoryview(buf)[:off])
+            if self._hv.kernel_kicks > 0:
+                self._hv.evtchn_sync()
 
     def notify(self, local_port: int) -> None:
         record = self._notify_records.get(local_port)

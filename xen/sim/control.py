@@ -256,6 +256,12 @@ REQUESTS: dict[str, dict[str, Field]] = {
     "evtchn_open": {},
     "evtchn_bind_interdomain": {"handle": Field(int, U32), "remote_domid": DOMID, "remote_port": Field(int, U32)},
     "evtchn_unbind": {"handle": Field(int, U32), "port": Field(int, U32)},
+    # Replies {} once the simulator has acted on every record the client
+    # sent on its event-channel devices before it (as before every request)
+    # and run what they triggered: an unmask that must have run the kernel's
+    # handlers before the device model looks at the slots, as Linux's
+    # write() returns after the upcall it caused.
+    "evtchn_sync": {},
     # XEN_DMOP_set_irq_level at a hypercall's cost: replies with one fd, a
     # channel of IRQ_LEVEL_REQUEST / IRQ_LEVEL_REPLY (set_irq_level above
     # stays, and says why a request was refused).
