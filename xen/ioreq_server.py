@@ -606,10 +606,11 @@ class _IdleServing(trio.abc.Instrument):
                     else:
                         self._run_watcher(ready, callback)
             if runq:
-                # Serving made a task runnable (a deferred completion, a
-                # recheck): trio, about to sleep for the timeout it
-                # computed, must not.
-                self._token.run_sync_soon(_nothing)
+                if timeout > 0:
+                    # Serving made a task runnable (a deferred completion,
+                    # a recheck, a device's event): trio, about to sleep
+                    # for the timeout it computed, must not.
+                    self._token.run_sync_soon(_nothing)
                 return
             if trio_ready:
                 return
