@@ -29,8 +29,71 @@ import time
 from bridge.processes import child_env
 
 
-class Floor:
-    """The pinging side; the echoing child runs until :meth:`stop`."""
+class _Pinger:
+    """The pinging side of a floor, in the benchmark's process; its
+    echoing child (``_echo``) runs until :meth:`stop`."""
+
+    _echo: subprocess.Popen
+
+    @property
+    def echo_pid(self) -> int:
+        """The echoing child's PID (for its CPU time)."""
+        return self._echo.pid
+
+    def stop(self) -> None:
+        """Stop the echoing child by its PID, then close our ends."""
+        if self._echo.poll() is None:
+            self._echo.terminate()
+            try:
+                self._echo.wait(5)
+            except subprocess.TimeoutExpired:
+                self._echo.kill()
+                self._echo.wait()
+        self._close()
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _run_pairs(answer_fds: list[int], ask, take, seconds: float) -> list[int]:
+        """Every pair keeps one round trip in flight for ``seconds``:
+        ``ask(fd)`` sends the request of the pair whose answers come on
+        ``fd``, ``take(fd)`` consumes an answer. Each latency in ns."""
+        clock = time.perf_counter_ns
+        poll = select.epoll()
+        sent = {}
+        try:
+            for fd in answer_fds:
+                poll.register(fd, select.EPOLLIN)
+            samples = []
+            end = clock() + int(seconds * 1e9)
+            for fd in answer_fds:
+                sent[fd] = clock()
+                ask(fd)
+            outstanding = len(answer_fds)
+            while outstanding:
+                for fd, _ev in poll.poll():
+                    take(fd)
+                    now = clock()
+                    samples.append(now - sent[fd])
+                    if now < end:
+                        sent[fd] = now
+                        ask(fd)
+                    else:
+                        outstanding -= 1
+            return samples
+        finally:
+            poll.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class Floor(_Pinger):
+    """Eventfd pairs: a request eventfd, a response eventfd."""
 
     def __init__(self, pairs: int = 1) -> None:
         if pairs < 1:
@@ -43,23 +106,18 @@ class Floor:
         self._echo = subprocess.Popen(argv, env=child_env(), stdin=subprocess.DEVNULL,
                                       pass_fds=self._req + self._resp, start_new_session=True)
 
-    @property
-    def echo_pid(self) -> int:
-        """The echoing child's PID (for its CPU time)."""
-        return self._echo.pid
-
-    def stop(self) -> None:
-        """Stop the echoing child by its PID and close the eventfds."""
-        _stop_child(self._echo)
+    def _close(self) -> None:
         for fd in self._req + self._resp:
             os.close(fd)
         self._req = self._resp = []
 
     def run(self, seconds: float) -> list[int]:
-        """Round trips for ``seconds``: each one's latency in nanoseconds."""
+        """Round trips for ``seconds``: each one's latency in nanoseconds.
+        One pair waits in a blocking read, the cheapest wait there is."""
         if self.pairs == 1:
             return self._run_one(seconds)
-        return self._run_many(seconds)
+        request_of = dict(zip(self._resp, self._req))
+        return self._run_pairs(self._resp, lambda fd: os.eventfd_write(request_of[fd], 1), os.eventfd_read, seconds)
 
     def _run_one(self, seconds: float) -> list[int]:
         req, resp = self._req[0], self._resp[0]
@@ -75,45 +133,10 @@ class Floor:
             now = after
         return samples
 
-    def _run_many(self, seconds: float) -> list[int]:
-        write, read, clock = os.eventfd_write, os.eventfd_read, time.perf_counter_ns
-        poll = select.epoll()
-        pair_of = {}
-        sent = {}
-        try:
-            for i, (req, resp) in enumerate(zip(self._req, self._resp)):
-                poll.register(resp, select.EPOLLIN)
-                pair_of[resp] = req
-            samples = []
-            end = clock() + int(seconds * 1e9)
-            for resp, req in pair_of.items():
-                sent[resp] = clock()
-                write(req, 1)
-            outstanding = len(pair_of)
-            while outstanding:
-                for resp, _ev in poll.poll():
-                    read(resp)
-                    now = clock()
-                    samples.append(now - sent[resp])
-                    if now < end:
-                        sent[resp] = now
-                        write(pair_of[resp], 1)
-                    else:
-                        outstanding -= 1
-            return samples
-        finally:
-            poll.close()
 
-    def __enter__(self) -> "Floor":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-class SocketFloor:
+class SocketFloor(_Pinger):
     """The ping-pong over SEQPACKET sockets and epoll (see the module's
-    docstring); the echoing child runs until :meth:`stop`."""
+    docstring)."""
 
     PORT = b"\x40\0\0\0"  # one pending port, simulator -> device model
     RECORDS = b"\1\0\0\0\x40\0\0\0\2\0\0\0\x40\0\0\0"  # unmask, notify
@@ -134,72 +157,25 @@ class SocketFloor:
             self._echo = subprocess.Popen(argv, env=child_env(), stdin=subprocess.DEVNULL,
                                           pass_fds=[b.fileno() for b in theirs], start_new_session=True)
         except BaseException:
-            for sock in self._ours:
-                sock.close()
+            self._close()
             raise
         finally:
             for b in theirs:
                 b.close()
 
-    @property
-    def echo_pid(self) -> int:
-        return self._echo.pid
-
-    def stop(self) -> None:
-        """Stop the echoing child by its PID and close the sockets."""
-        _stop_child(self._echo)
+    def _close(self) -> None:
         for sock in self._ours:
             sock.close()
         self._ours = []
 
     def run(self, seconds: float) -> list[int]:
-        """Round trips for ``seconds``, every pair keeping one in flight:
-        each one's latency in nanoseconds."""
-        clock = time.perf_counter_ns
+        """Round trips for ``seconds``, every pair keeping one in flight
+        (the vCPU side waits in an epoll, as the simulator does): each
+        one's latency in nanoseconds."""
+        by_fd = {sock.fileno(): sock for sock in self._ours}
         port, buf = self.PORT, bytearray(64)
-        poll = select.epoll()
-        by_fd = {}
-        sent = {}
-        try:
-            for sock in self._ours:
-                poll.register(sock.fileno(), select.EPOLLIN)
-                by_fd[sock.fileno()] = sock
-            samples = []
-            end = clock() + int(seconds * 1e9)
-            for fd, sock in by_fd.items():
-                sent[fd] = clock()
-                sock.send(port)
-            outstanding = len(by_fd)
-            while outstanding:
-                for fd, _ev in poll.poll():
-                    sock = by_fd[fd]
-                    sock.recv_into(buf)
-                    now = clock()
-                    samples.append(now - sent[fd])
-                    if now < end:
-                        sent[fd] = now
-                        sock.send(port)
-                    else:
-                        outstanding -= 1
-            return samples
-        finally:
-            poll.close()
-
-    def __enter__(self) -> "SocketFloor":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def _stop_child(child: subprocess.Popen) -> None:
-    if child.poll() is None:
-        child.terminate()
-        try:
-            child.wait(5)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        return self._run_pairs(list(by_fd), lambda fd: by_fd[fd].send(port), lambda fd: by_fd[fd].recv_into(buf),
+                               seconds)
 
 
 def echo(pairs: list[tuple[int, int]]) -> None:

@@ -214,15 +214,23 @@ async def test_kicks_complete_while_the_device_model_keeps_unmasking(start_sim, 
     assert dm.events >= 1 and dm.found_inprocess >= 1  # userspace saw ports, and slots in the kernel's hands
 
 
-async def test_a_kick_on_a_masked_port_waits_for_the_unmask(start_sim, connect, eventfd):
-    """The kernel's handler shares the port's interrupt with the evtchn
-    device, and the channel stays masked until userspace unmasks it."""
-    sim = start_sim()
+async def masked_kick_port(sim, connect, eventfd) -> tuple[FastDM, int, int]:
+    """A one-vCPU device model with a kick registered on vq 0, whose port
+    is masked (its bind_interdomain notification read, not unmasked):
+    the device model, the kick eventfd and the port."""
     dm = FastDM(connect(sim))
     kick = eventfd()
     dm.kick(kick)
     [port] = dm.ports
-    await until(lambda: dm.evtchn.read_pending() == [port])  # bind_interdomain's notification: now masked
+    await until(lambda: dm.evtchn.read_pending() == [port])
+    return dm, kick, port
+
+
+async def test_a_kick_on_a_masked_port_waits_for_the_unmask(start_sim, connect, eventfd):
+    """The kernel's handler shares the port's interrupt with the evtchn
+    device, and the channel stays masked until userspace unmasks it."""
+    sim = start_sim()
+    dm, kick, port = await masked_kick_port(sim, connect, eventfd)
     async with trio.open_nursery() as nursery, SimGuest.open(sim.control_path) as guest:
         done = trio.Event()
 
@@ -249,11 +257,7 @@ async def test_the_kernel_has_taken_the_slot_when_the_unmask_returns(start_sim, 
     device model that looks at the slots right after its unmask must find
     what the kernel left, or both take the same kick."""
     sim = start_sim(extra_args=("--fast-path-hold-us", "300000"))  # the kernel holds the slot 0.3 s
-    dm = FastDM(connect(sim))
-    kick = eventfd()
-    dm.kick(kick)
-    [port] = dm.ports
-    await until(lambda: dm.evtchn.read_pending() == [port])  # bind_interdomain's notification: now masked
+    dm, kick, port = await masked_kick_port(sim, connect, eventfd)
     async with trio.open_nursery() as nursery, SimGuest.open(sim.control_path) as guest:
         nursery.start_soon(guest.vcpus[0].write, QUEUE_NOTIFY, 4, 0)
         await until(lambda: slot_state(dm.page, 0) == READY)
