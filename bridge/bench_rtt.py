@@ -56,8 +56,8 @@ async def measure_rtt(guests: dict, base: int, floors: dict[int, Floor], socket_
                       reps: int, seconds: float, pids: dict[str, tuple[int, int]]) -> dict[str, Pairs]:
     """``guests``: side name -> open SimGuest (the bridge, and optionally a
     bridge from another tree); ``floors``, ``socket_floors``: pairs -> a
-    Floor, a SocketFloor; ``pids``: side
-    -> (the bridge's PID, the simulator's PID). Two cases: one vCPU
+    Floor, a SocketFloor; ``pids``: side -> (the bridge's PID, the
+    simulator's PID). Two cases: one vCPU
     reading, and every vCPU (as many floor pairs) reading at once. Each
     side's CPU time per access is kept, which other processes' noise does
     not change as it does the latency: the bridge's (``cpu_us``) and the

@@ -349,17 +349,15 @@ REQUESTS: dict[str, dict[str, Field]] = {
     # (one access in flight, walking the (vcpu, addr) pairs cyclically).
     # Replies {accesses, ns (the time taken)} and one fd: a memfd of each
     # access's latency in ns (u64, little-endian, in completion order).
-    # An access that fails ends the loop and the reply is that error (EIO),
-    # except a data abort with aborts_expected. EBUSY for a vCPU in the
-    # middle of an access; the vCPUs' trap sockets refuse accesses while
-    # the loop runs.
+    # An access that fails ends the loop and the reply is that error (EIO).
+    # EBUSY for a vCPU in the middle of an access; the vCPUs' trap sockets
+    # refuse accesses while the loop runs.
     "vcpu_loop": {
         "vcpus": IntListField((0, GUEST_LOOP_MAX_VCPUS - 1), GUEST_LOOP_MAX_PAIRS),
         "addrs": IntListField(U64, GUEST_LOOP_MAX_PAIRS),
         "size": Field(int, U8),
         "ms": Field(int, U32),
         "one_at_a_time": Field(bool, required=False),
-        "aborts_expected": Field(bool, required=False),
     },
 }
 

@@ -432,7 +432,6 @@ class SimGuest:
         *,
         size: int = 4,
         one_at_a_time: bool = False,
-        aborts_expected: bool = False,
     ) -> tuple[list[int], float]:
         """Have vCPUs run a load loop in the simulator, where Xen runs a
         vCPU (``xen.sim.vcpu_loop``): each (vCPU index, address) of
@@ -449,7 +448,6 @@ class SimGuest:
             size=size,
             ms=ms,
             one_at_a_time=one_at_a_time,
-            aborts_expected=aborts_expected,
         )
         if len(fds) != 1:
             control.close_fds(fds)

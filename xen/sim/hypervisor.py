@@ -2383,7 +2383,6 @@ class Simulator:
             args["size"],
             args["ms"],
             one_at_a_time=one_at_a_time,
-            aborts_expected=args.get("aborts_expected", False),
         )
 
     def _guest_request(self, received: control.Received) -> dict:

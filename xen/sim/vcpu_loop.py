@@ -25,8 +25,7 @@ Two shapes:
 
 Each access's latency (from the trap to its completion, in ns) is kept.
 An access answered with anything but success ends the loop with that
-answer's explanation, except a data abort with ``aborts_expected``: an
-address no ioreq server claims measures the hypervisor's own share.
+answer's explanation.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from xen.sim.control import TRAP_DATA_ABORT, TRAP_OK, TRAP_READ
+from xen.sim.control import TRAP_OK, TRAP_READ
 
 MAX_MS = 60_000
 """Longest loop, in milliseconds (the guest's connection waits for it)."""
@@ -58,14 +57,12 @@ class VcpuLoop:
         ms: int,
         *,
         one_at_a_time: bool,
-        aborts_expected: bool = False,
     ) -> None:
         self._access = access
         self._plan = list(plan)
         self._size = size
         self._ns = ms * 1_000_000
         self._one_at_a_time = one_at_a_time
-        self._aborts_expected = aborts_expected
         self.samples = array.array("Q")
         self.error: str | None = None
         self.elapsed_ns = 0
@@ -104,9 +101,9 @@ class VcpuLoop:
 
     def _issue(self, vcpu) -> None:
         """Issue accesses on ``vcpu`` (one at a time: on the plan's next
-        vCPU) until one has to wait for the device model. Answers that come
-        at once (an abort) are recorded by :meth:`answered` and loop here,
-        not by recursion."""
+        vCPU) until one has to wait for the device model. An answer that
+        comes at once (an abort) reaches :meth:`answered` during the access,
+        which then leaves the next step to this loop rather than recursing."""
         clock, access = time.perf_counter_ns, self._access
         size = self._size
         while True:
@@ -132,7 +129,7 @@ class VcpuLoop:
 
     def answered(self, vcpu, status: int, message: str) -> None:
         """The trap path's answer to ``vcpu``'s access."""
-        if status == TRAP_OK or (status == TRAP_DATA_ABORT and self._aborts_expected):
+        if status == TRAP_OK:
             self.samples.append(time.perf_counter_ns() - self._started[vcpu])
         elif self.error is None:
             self.error = f"vCPU {vcpu.index}: {message}"
